@@ -1,0 +1,1391 @@
+"""Parameter Golf entry: a 16 MB language model trained in 10 minutes, scored in bits per byte.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py        # the contest run (defaults)
+    python3 train_gpt.py                                          # one process; CPU works with a tiny config
+
+Every hyperparameter is an environment variable named like its field in `Hyperparameters`.
+The file reads top to bottom in pipeline order:
+
+  1. hyperparameters          6. training loop: Muon + Adam, EMA, wall-clock cap
+  2. runtime and logging      7. quantization: GPTQ int6 / int8, zstd artifact
+  3. data shards              8. evaluation: sliding window, score-first TTT
+  4. bpb accounting           9. main: train -> artifact -> reload -> eval -> submission.json
+  5. model and optimizers
+
+README.md describes each technique and where it comes from.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import glob
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+# NVLink multicast (NVLS) stays off: it can take a shared host's GPUs out of service.
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import zstandard
+from torch.nn.parallel import DistributedDataParallel
+
+try:  # FlashAttention-3 (Hopper); optional, PyTorch SDPA otherwise.
+    from flash_attn_interface import flash_attn_func as _fa3_attention
+except ImportError:
+    _fa3_attention = None
+
+SUBMISSION_NAME = "GQA U-Net + BigramHash + SmearGate, Muon/EMA, GPTQ int6 + zstd, score-first TTT"
+ARTIFACT_LIMIT_BYTES = 16_000_000
+
+# ----------------------------------------------------------------------------------------------
+# 1. Hyperparameters
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hyperparameters:
+    """Every knob of the run. Field `foo_bar` is overridden by environment variable `FOO_BAR`.
+
+    Defaults are the contest configuration: 8 GPUs x 600 s, 786,432 tokens per step, sp1024.
+    Booleans accept 1/0/true/false. Raises ValueError for unparsable or inconsistent values.
+    """
+
+    # data, tokenizer, outputs
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    seed: int = 1337
+    artifact: str = "final_model.int6.ptz"  # written after training; read back for every score
+    log_path: str = ""  # "" -> train_log.txt (eval_log.txt with EVAL_ONLY)
+    submission_path: str = "submission.json"
+    scores_path: str = ""  # .npy of per-token NLL (nats, float32) of the final scored pass
+    eval_only: bool = False  # skip training, evaluate ARTIFACT
+    # model
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    rope_dims: int = 16  # partial RoPE: rotary on the first 16 of 64 head dims
+    rope_base: float = 10000.0
+    qk_gain_init: float = 1.5
+    xsa_last_n: int = 11  # exclusive self-attention on the last N layers
+    bigram_buckets: int = 3072
+    bigram_dim: int = 112
+    logit_softcap: float = 30.0
+    tied_embed_init_std: float = 0.005
+    # training
+    train_batch_tokens: int = 786_432  # global tokens per optimizer step
+    train_seq_len: int = 2048
+    micro_batch_tokens: int = 98_304  # per-GPU tokens per forward; sets automatic accumulation
+    grad_accum_steps: int = 0  # 0: ceil(train_batch_tokens / (world_size * micro_batch_tokens))
+    iterations: int = 20_000  # step cap; the wall clock normally stops training first
+    max_wallclock_seconds: float = 600.0  # training budget, GPTQ calibration included
+    warmdown_frac: float = 0.6  # final fraction of the budget over which the LR decays to 0
+    warmup_steps: int = 20  # compile-priming steps on random tokens; state is reset after them
+    matrix_lr: float = 0.025  # Muon
+    embed_lr: float = 0.035  # Adam: tied embedding, bigram table
+    scalar_lr: float = 0.025  # Adam: gains, mixes, skip weights
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3  # 0 disables
+    ema_decay: float = 0.997
+    log_every: int = 200
+    # quantization
+    gptq_calib_batches: int = 16  # per-GPU training micro-batches for GPTQ Hessians (0: no GPTQ)
+    gptq_reserve_seconds: float = 10.0  # carved from the training budget for GPTQ
+    # evaluation
+    eval_stride: int = 64
+    eval_batch_seqs: int = 32  # windows per forward, per GPU
+    eval_max_seconds: float = 600.0  # everything after training; TTT degrades to scoring past it
+    ttt_enabled: bool = True
+    ttt_chunk_tokens: int = 32_768
+    ttt_epochs: int = 3
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.9
+    ttt_batch_seqs: int = 32
+    ttt_grad_clip: float = 1.0
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> tuple["Hyperparameters", dict[str, str]]:
+        """Build from the environment; returns (hyperparameters, {VAR: raw value} of overrides)."""
+        kwargs, overrides = {}, {}
+        for f in fields(cls):
+            raw = environ.get(f.name.upper())
+            if raw is None:
+                continue
+            kwargs[f.name] = _parse_env_value(f.name.upper(), f.type, raw)
+            overrides[f.name.upper()] = raw
+        args = cls(**kwargs)
+        args.validate()
+        return args, overrides
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent setting."""
+        checks = [
+            (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
+            (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
+            ((self.model_dim // self.num_heads) % 2 == 0, "head dim (MODEL_DIM/NUM_HEADS) must be even"),
+            (0 < self.rope_dims <= self.model_dim // self.num_heads and self.rope_dims % 2 == 0,
+             "ROPE_DIMS must be even and at most the head dim"),
+            (0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N must be between 0 and NUM_LAYERS"),
+            (self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be at least 2"),
+            (self.train_seq_len % self.eval_stride == 0, "TRAIN_SEQ_LEN must be a multiple of EVAL_STRIDE"),
+            (self.ttt_chunk_tokens % self.train_seq_len == 0,
+             "TTT_CHUNK_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
+            (0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC must be in [0, 1]"),
+            (0.0 <= self.gptq_reserve_seconds < self.max_wallclock_seconds,
+             "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
+            (self.train_batch_tokens % self.train_seq_len == 0,
+             "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def _parse_env_value(name: str, type_name: str, raw: str):
+    try:
+        if type_name == "bool":
+            if raw.strip().lower() in ("1", "true", "yes"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", ""):
+                return False
+            raise ValueError
+        return {"int": int, "float": float, "str": str}[type_name](raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {type_name}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Runtime and logging
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its rank among `world_size` processes and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_runtime() -> Runtime:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick cuda:LOCAL_RANK (or CPU), join the group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, device)
+
+
+def all_reduce(t: torch.Tensor, rt: Runtime, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce across ranks; a no-op in a single process."""
+    if rt.distributed:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_compile(module, device: torch.device):
+    """torch.compile on GPU (static shapes); eager on CPU."""
+    return torch.compile(module, dynamic=False) if device.type == "cuda" else module
+
+
+class Logger:
+    """Prints on rank 0 and appends every line to the log file (truncated at start)."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            open(path, "w", encoding="utf-8").close()
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+def attention_backend(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "sdpa (math, CPU)"
+    return "flash-attn-3" if _fa3_attention is not None else "sdpa (cuDNN preferred)"
+
+
+def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runtime, code: bytes) -> None:
+    log(f"run_start {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    log(f"code_sha256 {hashlib.sha256(code).hexdigest()} code_bytes {len(code)}")
+    log(f"python {platform.python_version()} torch {torch.__version__} cuda {torch.version.cuda} "
+        f"numpy {np.__version__} zstandard {zstandard.__version__}")
+    if rt.device.type == "cuda":
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        log(f"gpus {len(names)}: {', '.join(names)}")
+    log(f"world_size {rt.world_size} device {rt.device} attention {attention_backend(rt.device)}")
+    log("env_overrides " + (" ".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "(none)"))
+    log("hyperparameters " + json.dumps(asdict(args), sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Data: challenge shards (256 x int32 header, then uint16 tokens)
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+def find_shards(pattern: str) -> list[str]:
+    """Sorted files matching `pattern`; FileNotFoundError naming the fix when there are none."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(
+            f"no data shards match {pattern!r}. Set DATA_PATH to the folder holding "
+            "fineweb_train_*.bin and fineweb_val_*.bin (README: 'Data')."
+        )
+    return files
+
+
+def open_shard(path: str) -> np.ndarray:
+    """Memory-map one shard's tokens (uint16, read-only) after checking its header and size.
+
+    Raises ValueError on a short header, wrong magic/version, or a size that disagrees with the header.
+    """
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header.size != SHARD_HEADER_INTS:
+        raise ValueError(f"{path}: shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    if int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
+        raise ValueError(
+            f"{path}: header magic/version {int(header[0])}/{int(header[1])}, expected "
+            f"{SHARD_MAGIC}/{SHARD_VERSION}: not a challenge shard; re-create it with the data script"
+        )
+    num_tokens = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    actual = os.path.getsize(path)
+    if actual != expected:
+        raise ValueError(
+            f"{path}: {actual} bytes, but its header promises {num_tokens} tokens ({expected} bytes): "
+            "truncated or corrupt; download it again"
+        )
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
+    """ValueError if any token id is >= vocab_size (shards from another tokenizer)."""
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise ValueError(
+            f"{source}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}: these shards were made "
+            "with another tokenizer; point DATA_PATH/TOKENIZER_PATH/VOCAB_SIZE at matching files"
+        )
+
+
+def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> torch.Tensor:
+    """All validation shards concatenated, cut to a multiple of seq_len plus one token (challenge rule).
+
+    Returns int64 tensor of shape (n * seq_len + 1,). Raises ValueError if shorter than one sequence.
+    """
+    tokens = np.concatenate([np.asarray(open_shard(f)) for f in find_shards(pattern)])
+    check_token_ids(tokens, vocab_size, pattern)
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ValueError(
+            f"validation set has {tokens.size} tokens, fewer than TRAIN_SEQ_LEN+1={seq_len + 1}; "
+            "use the full val shard or a shorter TRAIN_SEQ_LEN"
+        )
+    return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
+
+
+class TokenLoader:
+    """Training batches of (seq_len+1)-token blocks, shuffled per epoch, identical for any world size.
+
+    Each epoch cuts every shard into blocks at a random phase, permutes all blocks with a generator
+    seeded by (seed, epoch), and serves them in order: a step takes the next `seqs_per_rank *
+    world_size` blocks and rank r reads its own contiguous slice, so ranks read disjoint spans and
+    the union is the one-GPU batch. Shards are memory-mapped; token ids are checked before training.
+    """
+
+    def __init__(self, pattern: str, seq_len: int, seqs_per_rank: int, rt: Runtime, seed: int, vocab_size: int):
+        files = find_shards(pattern)
+        self.shards = [open_shard(f) for f in files]
+        for path, shard in list(zip(files, self.shards))[rt.rank :: rt.world_size]:
+            check_token_ids(shard, vocab_size, path)
+        self.seq_len, self.seqs_per_rank, self.rt, self.seed = seq_len, seqs_per_rank, rt, seed
+        self.epoch, self.cursor, self.order = -1, 0, np.zeros(0, dtype=np.int64)
+        self._new_epoch()
+        if self.order.size < seqs_per_rank * rt.world_size:
+            raise ValueError(f"training shards hold fewer than one batch of {seq_len + 1}-token blocks")
+
+    def _new_epoch(self) -> None:
+        self.epoch += 1
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.phase = int(rng.integers(self.seq_len)) if self.epoch > 0 else 0
+        counts = [max(0, (len(s) - 1 - self.phase) // self.seq_len) for s in self.shards]
+        self.block_offsets = np.cumsum([0] + counts)
+        self.order = rng.permutation(int(self.block_offsets[-1]))
+        self.cursor = 0
+
+    def _block(self, block_id: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.block_offsets, block_id, side="right")) - 1
+        start = self.phase + (block_id - int(self.block_offsets[shard])) * self.seq_len
+        return self.shards[shard][start : start + self.seq_len + 1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each int64 of shape (seqs_per_rank, seq_len), on this rank's device."""
+        step_blocks = self.seqs_per_rank * self.rt.world_size
+        if self.cursor + step_blocks > self.order.size:
+            self._new_epoch()
+        ids = self.order[self.cursor : self.cursor + step_blocks]
+        self.cursor += step_blocks
+        mine = ids[self.rt.rank * self.seqs_per_rank : (self.rt.rank + 1) * self.seqs_per_rank]
+        batch = torch.from_numpy(np.stack([self._block(int(b)) for b in mine]).astype(np.int64))
+        if self.rt.device.type == "cuda":
+            batch = batch.pin_memory().to(self.rt.device, non_blocking=True)
+        return batch[:, :-1], batch[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. bpb accounting (exactly the challenge's byte rule)
+# ----------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
+    """Load a SentencePiece model; ValueError if its vocabulary size is not VOCAB_SIZE."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer {path!r} not found; set TOKENIZER_PATH (README: 'Data')")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.vocab_size() != vocab_size:
+        raise ValueError(
+            f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+            "set VOCAB_SIZE to match, or use the tokenizer the shards were made with"
+        )
+    return sp
+
+
+def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token byte rule of the challenge, as arrays indexed by token id.
+
+    Returns (base_bytes int64, has_leading_space bool, is_boundary bool). Control/unknown/unused
+    tokens are boundaries worth 0 bytes; byte-fallback tokens are 1 byte; other pieces count the
+    UTF-8 bytes of the piece without its leading "▁", which adds one byte unless the previous
+    token is a boundary (so no space is counted right after BOS).
+    """
+    n = sp.vocab_size()
+    base = np.zeros(n, dtype=np.int64)
+    space = np.zeros(n, dtype=bool)
+    boundary = np.zeros(n, dtype=bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    return base, space, boundary
+
+
+def target_bytes(tokens: torch.Tensor, tables: tuple[np.ndarray, np.ndarray, np.ndarray]) -> torch.Tensor:
+    """Bytes credited to each target: tokens (N+1,) -> int64 (N,), target j = tokens[j+1] after tokens[j]."""
+    base, space, boundary = (torch.from_numpy(t) for t in tables)
+    prev, tgt = tokens[:-1].cpu(), tokens[1:].cpu()
+    return base[tgt] + (space[tgt] & ~boundary[prev]).long()
+
+
+def bits_per_byte(nll_sum_nats: float, n_bytes: int) -> float:
+    """bpb = total NLL in bits over total bytes (= mean loss / ln 2 * tokens / bytes)."""
+    return nll_sum_nats / math.log(2.0) / n_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Model and optimizers
+# ----------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention. q: (B, T, H, D); k, v: (B, T, Hkv, D) with H % Hkv == 0 -> (B, T, H, D).
+
+    FlashAttention-3 when importable on GPU, else SDPA (cuDNN kernel preferred on GPU, math on CPU).
+    """
+    if _fa3_attention is not None and q.is_cuda:
+        out = _fa3_attention(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    )
+    return y.transpose(1, 2)
+
+
+def sdpa_preference(device: torch.device):
+    """Context preferring cuDNN, then flash SDPA kernels on GPU (cuDNN measured fastest on H100/H200)."""
+    if device.type != "cuda" or _fa3_attention is not None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    return sdpa_kernel(order, set_priority=True)
+
+
+class Rotary(nn.Module):
+    """Partial rotary position embedding (RoPE, Su et al. 2021) on the first `rope_dims` of each head.
+
+    Partial RoPE (16 of 64 dims) is from the 2026-03-21 record; the rest of the head is position-free.
+    """
+
+    def __init__(self, rope_dims: int, base: float, max_len: int):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.rope_dims = rope_dims
+        self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
+        self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, H, D) -> same shape; T must not exceed max_len."""
+        t, half = x.size(1), self.rope_dims // 2
+        cos, sin = self.cos[:, :t].to(x.dtype), self.sin[:, :t].to(x.dtype)
+        x1, x2, rest = x[..., :half], x[..., half : self.rope_dims], x[..., self.rope_dims :]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output its component along the token's own value vector.
+
+    y: (B, T, H, D), v: (B, T, Hkv, D). From the XSA records (2026-03-20_11L_XSA4, PR #1019).
+    """
+    b, t, h, d = y.shape
+    groups = y.reshape(b, t, v.size(2), h // v.size(2), d)
+    v_unit = F.normalize(v, dim=-1).unsqueeze(3)
+    return (groups - (groups * v_unit).sum(-1, keepdim=True) * v_unit).reshape(b, t, h, d)
+
+
+class CausalSelfAttention(nn.Module):
+    """GQA attention with RMS-normed q/k, a learned per-head query gain, partial RoPE and optional XSA."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rotary: Rotary, qk_gain_init: float, xsa: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.c_q = nn.Linear(dim, dim, bias=False)
+        self.c_k = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.c_v = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+        self.rotary, self.xsa = rotary, xsa
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, dim = x.shape
+        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
+        k = self.rotary(rms_norm(k))
+        y = causal_attention(q, k, v)
+        if self.xsa:
+            y = exclude_self_value(y, v)
+        return self.proj(y.reshape(b, t, dim))
+
+
+class MLP(nn.Module):
+    """LeakyReLU(0.5)^2 feed-forward (R3 / PR #549; relu^2 from the modded-nanogpt speedruns)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with a learned mix of the embedding x0 into the residual stream
+    and per-channel output scales; normed inputs are scaled by 1/sqrt(layer+1) (LN scale, 2026-03-21)."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, hidden: int, rotary: Rotary,
+                 qk_gain_init: float, xsa: bool, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rotary, qk_gain_init, xsa)
+        self.mlp = MLP(dim, hidden)
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.ln_scale = 1.0 / math.sqrt(layer_idx + 1)
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of the (previous, current) *input* token pair, projected to model_dim.
+
+    bucket[t] = (36313 * tok[t] XOR 27191 * tok[t-1]) mod (buckets - 1); the reserved last bucket is
+    used at position 0 and at every BOS, so no pair spans a document boundary. Targets are never
+    hashed. From R1 (2026-03-20 record); table zero-initialised, projection orthogonal, scale 0.05.
+    """
+
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
+        super().__init__()
+        self.buckets, self.bos_id = buckets, bos_id
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> bucket ids (B, T) int64."""
+        cur = input_ids.to(torch.int32)
+        prev = F.pad(cur[:, :-1], (1, 0))
+        hashed = torch.bitwise_xor(36313 * cur, 27191 * prev) % (self.buckets - 1)
+        first = torch.zeros_like(cur, dtype=torch.bool)
+        first[:, 0] = True
+        return torch.where(first | (cur == self.bos_id), self.buckets - 1, hashed).long()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(self.bucket_ids(input_ids))) * self.scale
+
+
+class SmearGate(nn.Module):
+    """x_t += sigmoid(g) * (x_{t-1} - x_t), a learned per-channel blend with the previous position.
+
+    The blend is off at position 0 and wherever the current token is BOS, so nothing crosses a
+    document boundary (the BOS fix of R8 / issue #1797). From R1; g starts at 0 (a 50/50 blend).
+    """
+
+    def __init__(self, dim: int, bos_id: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+        self.bos_id = bos_id
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D), input_ids: (B, T) -> (B, T, D)."""
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        keep = input_ids != self.bos_id
+        keep = torch.cat((torch.zeros_like(keep[:, :1]), keep[:, 1:]), dim=1)
+        return x + keep.unsqueeze(-1).to(x.dtype) * torch.sigmoid(self.gate).to(x.dtype) * (prev - x)
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer with U-Net skips, tied embeddings and a tanh logit softcap.
+
+    The first num_layers//2 blocks (encoder) push their outputs; each later block first adds
+    skip_weights[i] * (mirrored encoder output). Shapes: input_ids (B, T) int64 -> logits (B, T, V),
+    or with targets (B, T): mean NLL (reduction="mean") or per-token NLL (B, T) ("none"), in nats.
+    """
+
+    def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
+                 mlp_mult: float, rope_dims: int, rope_base: float, qk_gain_init: float, xsa_last_n: int,
+                 bigram_buckets: int, bigram_dim: int, logit_softcap: float, tied_embed_init_std: float,
+                 max_seq_len: int, bos_id: int):
+        super().__init__()
+        self.logit_softcap = logit_softcap
+        self.num_encoder = num_layers // 2
+        rotary = Rotary(rope_dims, rope_base, max_seq_len)
+        self.tok_emb = nn.Embedding(vocab_size, model_dim)
+        self.bigram = BigramHash(bigram_buckets, bigram_dim, model_dim, bos_id)
+        self.smear = SmearGate(model_dim, bos_id)
+        self.blocks = nn.ModuleList(
+            Block(model_dim, num_heads, num_kv_heads, int(mlp_mult * model_dim), rotary, qk_gain_init,
+                  i >= num_layers - xsa_last_n, i)
+            for i in range(num_layers)
+        )
+        self.skip_weights = nn.Parameter(torch.ones(num_layers - self.num_encoder, model_dim))
+        self._init_weights(tied_embed_init_std)
+
+    def _init_weights(self, embed_std: float) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        nn.init.zeros_(self.bigram.embed.weight)
+        nn.init.orthogonal_(self.bigram.proj.weight)
+        for block in self.blocks:
+            for layer in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+                nn.init.orthogonal_(layer.weight)
+            nn.init.zeros_(block.attn.proj.weight)  # residual branches start as identity
+            nn.init.zeros_(block.mlp.proj.weight)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        x = rms_norm(self.tok_emb(input_ids) + self.bigram(input_ids))
+        x = x0 = self.smear(x, input_ids)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+            if i < self.num_encoder:
+                skips.append(x)
+        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype))
+        logits = self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
+        if targets is None:
+            return logits
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return nll if reduction == "mean" else nll.view_as(targets)
+
+
+MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
+                "rope_base", "qk_gain_init", "xsa_last_n", "bigram_buckets", "bigram_dim", "logit_softcap",
+                "tied_embed_init_std")
+
+
+def model_config(args: Hyperparameters, bos_id: int) -> dict:
+    """The GPT constructor's arguments; stored inside the artifact so it rebuilds the model alone."""
+    return {**{k: getattr(args, k) for k in MODEL_FIELDS}, "max_seq_len": args.train_seq_len, "bos_id": bos_id}
+
+
+def linear_weights(model: GPT) -> list[nn.Parameter]:
+    """The matrices of every linear layer: attention/MLP projections and the bigram projection."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def matmul_flops_per_token(model: GPT, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (linear weights + tied head) + 6 x layers x seq_len x dim (causal attention)."""
+    matrix = sum(p.numel() for p in linear_weights(model)) + model.tok_emb.weight.numel()
+    return 6.0 * matrix + 6.0 * len(model.blocks) * seq_len * model.tok_emb.weight.size(1)
+
+
+def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate orthogonalisation U V^T of g (..., m, n) by a quintic Newton-Schulz iteration in bf16.
+
+    Coefficients (3.4445, -4.7750, 2.0315) from Muon (Jordan et al. 2024, modded-nanogpt).
+    """
+    x = g.bfloat16()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        a = x @ x.mT
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * (a @ a)) @ x
+    return x.mT if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024) with decoupled weight decay.
+
+    For each 2-D parameter: buf = momentum*buf + grad; update = NS5(grad + momentum*buf) (Nesterov),
+    scaled by sqrt(max(1, rows/cols)); p -= lr*wd*p + lr*update. Parameters of equal shape are
+    orthogonalised together in one batched call. With several ranks, rank r computes the updates
+    of every world_size-th parameter of each shape and one all-reduce shares them.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, rt: Runtime):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.rt = rt
+        self.orthogonalize = maybe_compile(newton_schulz5, rt.device)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params, momentum = group["params"], group["momentum"]
+            sizes = [p.numel() for p in params]
+            offsets = np.cumsum([0] + sizes)
+            flat = torch.zeros(int(offsets[-1]), device=params[0].device, dtype=torch.bfloat16)
+            by_shape: dict[tuple, list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+            for shape, idx in by_shape.items():
+                mine = idx[self.rt.rank :: self.rt.world_size]
+                if not mine:
+                    continue
+                grads = [params[i].grad for i in mine]
+                bufs = [self.state[params[i]].setdefault("momentum", torch.zeros_like(g)) for i, g in zip(mine, grads)]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=momentum))
+                update = self.orthogonalize(nesterov) * max(1.0, shape[0] / shape[1]) ** 0.5
+                for j, i in enumerate(mine):
+                    flat[offsets[i] : offsets[i + 1]] = update[j].flatten()
+            all_reduce(flat, self.rt)
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, [flat[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(params)],
+                                alpha=-group["lr"])
+
+
+def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
+    """Muon for block matrices and the bigram projection; Adam for embeddings (with WD) and scalars."""
+    matrices = linear_weights(model)
+    embeddings = [model.tok_emb.weight, model.bigram.embed.weight]
+    taken = {id(p) for p in matrices + embeddings}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
+    fused = rt.device.type == "cuda"
+    adam = torch.optim.AdamW(
+        [dict(params=embeddings, lr=args.embed_lr, weight_decay=args.adam_wd),
+         dict(params=scalars, lr=args.scalar_lr, weight_decay=0.0)],
+        betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused,
+    )
+    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_wd, rt)
+    for opt in (adam, muon):
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return [adam, muon]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Training: wall-clock capped, warm-down by time, EMA
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_scale(progress: float, warmdown_frac: float) -> float:
+    """1 until the last `warmdown_frac` of training, then linear to 0 at progress 1 (progress in [0, 1])."""
+    if warmdown_frac <= 0.0:
+        return 1.0
+    return max(0.0, min(1.0, (1.0 - progress) / warmdown_frac))
+
+
+class EMA:
+    """Exponential moving average of all parameters, kept in fp32: shadow += (1 - decay) * (p - shadow)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    loop_seconds: float
+    step_ms: float
+    last_loss: float
+
+
+def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
+    """GRAD_ACCUM_STEPS, or enough micro-batches of MICRO_BATCH_TOKENS per GPU to make the global batch."""
+    accum = args.grad_accum_steps or math.ceil(args.train_batch_tokens / (rt.world_size * args.micro_batch_tokens))
+    if args.train_batch_tokens % (rt.world_size * accum * args.train_seq_len):
+        raise ValueError(
+            f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} is not a multiple of WORLD_SIZE*GRAD_ACCUM_STEPS*"
+            f"TRAIN_SEQ_LEN={rt.world_size}*{accum}*{args.train_seq_len}; change GRAD_ACCUM_STEPS"
+        )
+    return accum
+
+
+def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, accum: int, log: Logger,
+          budget_seconds: float) -> tuple[TrainResult, EMA]:
+    """Train until `budget_seconds` of wall clock (or ITERATIONS) and return the result and the EMA.
+
+    Before the clock starts, WARMUP_STEPS full steps on random tokens prime torch.compile; the model
+    and optimizers are then reset to their initial state. The LR warm-down follows the fraction of
+    the budget used; the stop decision is the max over ranks, so every rank stops at the same step.
+    """
+    compiled = maybe_compile(model, rt.device)
+    net = DistributedDataParallel(compiled, device_ids=[rt.local_rank], broadcast_buffers=False) \
+        if rt.distributed else compiled
+
+    def step(optimizers, batches) -> torch.Tensor:
+        total = torch.zeros((), device=rt.device)
+        for micro, (x, y) in enumerate(batches):
+            sync_grads = not rt.distributed or micro == accum - 1
+            with (contextlib.nullcontext() if sync_grads else net.no_sync()), autocast(rt.device), \
+                    sdpa_preference(rt.device):
+                loss = net(x, y)
+            (loss / accum).backward()
+            total += loss.detach() / accum
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return total
+
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    warm_opts = build_optimizers(model, args, rt)
+    seqs = loader.seqs_per_rank
+    for _ in range(args.warmup_steps):
+        rand = torch.randint(0, args.vocab_size, (accum, seqs, args.train_seq_len + 1), device=rt.device)
+        step(warm_opts, [(r[:, :-1], r[:, 1:]) for r in rand])
+    synchronize(rt.device)
+    model.load_state_dict(initial_state)
+    del warm_opts, initial_state
+    optimizers = build_optimizers(model, args, rt)
+    ema = EMA(model, args.ema_decay)
+    log(f"train_start warmup_steps {args.warmup_steps} (random tokens, state reset) budget {budget_seconds:.1f}s "
+        f"grad_accum {accum} seqs_per_micro_batch {seqs}")
+
+    flops_per_step = matmul_flops_per_token(model, args.train_seq_len) * args.train_batch_tokens
+    t0 = time.perf_counter()
+    n, loss, elapsed = 0, torch.zeros(()), 0.0
+    while n < args.iterations:
+        progress = max(elapsed / budget_seconds, n / args.iterations)
+        scale = lr_scale(progress, args.warmdown_frac)
+        frac = min(n / max(1, args.muon_momentum_warmup_steps), 1.0)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+                if isinstance(opt, Muon):
+                    group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+        loss = step(optimizers, [loader.next_batch() for _ in range(accum)])
+        ema.update()
+        n += 1
+        if n % args.log_every == 0:
+            synchronize(rt.device)
+        elapsed = time.perf_counter() - t0
+        stop = elapsed >= budget_seconds
+        if rt.distributed:  # every rank stops at the same step
+            stop = all_reduce(torch.tensor(float(stop), device=rt.device), rt, dist.ReduceOp.MAX).item() > 0
+        if stop:
+            break
+        if n % args.log_every == 0:
+            log(f"step {n} train_loss {loss.item():.4f} lr_scale {scale:.3f} train_time {elapsed:.1f}s "
+                f"step_avg {1000 * elapsed / n:.1f}ms tflops_per_gpu {flops_per_step * n / elapsed / rt.world_size / 1e12:.0f}")
+    synchronize(rt.device)
+    elapsed = time.perf_counter() - t0
+    result = TrainResult(n, elapsed, 1000 * elapsed / max(n, 1), float(loss.item()))
+    log(f"train_end steps {n} train_loss {result.last_loss:.4f} loop_time {elapsed:.1f}s step_avg {result.step_ms:.1f}ms "
+        f"tflops_per_gpu {flops_per_step * n / elapsed / rt.world_size / 1e12:.0f}")
+    return result, ema
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Quantization: GPTQ int6 for block matrices, int8 for embeddings, zstd-22 artifact
+# ----------------------------------------------------------------------------------------------
+
+QUANT_MIN_NUMEL = 65_536  # smaller float tensors are stored as fp16 (2-D) or fp32 (1-D)
+INT6_MAX, INT8_MAX = 31, 127
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+ARTIFACT_MAGIC = b"PGOLF-INT6-1\n"
+
+
+def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime) -> dict[str, torch.Tensor]:
+    """GPTQ Hessians H = E[x x^T] of the inputs of every block linear layer, on training batches.
+
+    Returns {weight name: (in_features, in_features) fp32}, averaged over tokens and ranks.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.blocks.named_modules():
+        if isinstance(module, nn.Linear):
+            key = f"blocks.{name}.weight"
+
+            def hook(_mod, inputs, _out, key=key):
+                x = inputs[0].detach().flatten(0, -2).float()
+                sums[key] = sums.get(key, 0) + x.T @ x
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode(), autocast(rt.device), sdpa_preference(rt.device):
+            for _ in range(batches):
+                x, _ = loader.next_batch()
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    tokens = torch.tensor(float(batches * loader.seqs_per_rank * loader.seq_len), device=rt.device)
+    all_reduce(tokens, rt)
+    return {k: all_reduce(v, rt) / tokens for k, v in sums.items()}
+
+
+def choose_row_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per-row scale (fp16-representable) minimising round-to-nearest MSE over clip quantiles.
+
+    w: (..., rows, cols) fp32 -> (..., rows) fp32. The clip search of GPTQ-lite (R2).
+    """
+    best_scale = best_err = None
+    for q in CLIP_QUANTILES:
+        clip = w.abs().amax(-1) if q == 1.0 else torch.quantile(w.abs(), q, dim=-1)
+        scale = (clip / qmax).clamp_min(1e-6).half().float()
+        err = (w - (w / scale[..., None]).round().clamp(-qmax, qmax) * scale[..., None]).square().sum(-1)
+        if best_err is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
+    return best_scale
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int, block: int = 128,
+                  damp: float = 0.01) -> torch.Tensor:
+    """GPTQ (Frantar et al., ICLR 2023) with act-order, batched over a leading dimension.
+
+    w: (L, rows, cols) fp32 weights, h: (L, cols, cols) input Hessians, scale: (L, rows) fixed per-row
+    scales. Columns are quantized in order of decreasing Hessian diagonal; each column's rounding error
+    is propagated to the not-yet-quantized columns through the inverse Hessian's Cholesky factor.
+    Returns int8 codes (L, rows, cols) in [-qmax, qmax].
+    """
+    w, h = w.clone().float(), h.clone().float()
+    L, rows, cols = w.shape
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag[dead] = 1.0
+    w.masked_fill_(dead[:, None, :], 0.0)
+    perm = torch.argsort(diag, dim=-1, descending=True)
+    w = w.gather(-1, perm[:, None, :].expand(L, rows, cols))
+    h = h.gather(-1, perm[:, None, :].expand(L, cols, cols)).gather(-2, perm[:, :, None].expand(L, cols, cols))
+    eye = torch.eye(cols, device=h.device)
+    for attempt in range(5):
+        try:
+            damped = h + (damp * 10**attempt) * h.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye
+            hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            if attempt == 4:
+                raise
+    s = scale[:, :, None]
+    q_all = torch.zeros_like(w)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        wb, hb = w[:, :, i1:i2].clone(), hinv[:, i1:i2, i1:i2]
+        errs = torch.zeros_like(wb)
+        for j in range(i2 - i1):
+            q = (wb[:, :, j : j + 1] / s).round().clamp(-qmax, qmax)
+            q_all[:, :, i1 + j] = q[:, :, 0]
+            err = (wb[:, :, j : j + 1] - q * s) / hb[:, j, j][:, None, None]
+            wb[:, :, j:] -= err * hb[:, j : j + 1, j:]
+            errs[:, :, j] = err[:, :, 0]
+        w[:, :, i2:] -= errs @ hinv[:, i1:i2, i2:]
+    return torch.empty_like(q_all).scatter_(-1, perm[:, None, :].expand(L, rows, cols), q_all).to(torch.int8)
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Map a float state dict to storable entries {name: {"kind", "q", "scale"} or {"kind", "data"}}.
+
+    Block matrices -> int6 (GPTQ when a Hessian exists, else clip-searched rounding), batched over
+    layers that share a role; other large matrices (embeddings) -> int8 per row; small tensors -> fp16
+    (2-D) or fp32 (1-D). All per-row scales are fp16.
+    """
+    entries: dict[str, dict] = {}
+    roles: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        if t.numel() <= QUANT_MIN_NUMEL or t.ndim != 2:
+            small_matrix = t.ndim >= 2
+            entries[name] = {"kind": "fp16" if small_matrix else "fp32",
+                             "data": t.detach().to(torch.float16 if small_matrix else torch.float32)}
+        elif name.startswith("blocks."):
+            role = name.split(".", 2)[2]
+            roles.setdefault((role, tuple(t.shape), name in hessians), []).append(name)
+        else:
+            w = t.detach().float()
+            scale = choose_row_scales(w, INT8_MAX)
+            entries[name] = {"kind": "int8", "q": (w / scale[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8),
+                             "scale": scale.half()}
+    for (_, _, has_h), names in roles.items():
+        w = torch.stack([state[n].detach().float() for n in names])
+        scale = choose_row_scales(w, INT6_MAX)
+        if has_h:
+            q = gptq_quantize(w, torch.stack([hessians[n] for n in names]).to(w.device), scale, INT6_MAX)
+        else:
+            q = (w / scale[..., None]).round().clamp(-INT6_MAX, INT6_MAX).to(torch.int8)
+        for i, n in enumerate(names):
+            entries[n] = {"kind": "int6", "q": q[i], "scale": scale[i].half()}
+    return entries
+
+
+def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Inverse of quantize_state_dict (up to rounding): fp32 tensors."""
+    out = {}
+    for name, e in entries.items():
+        if e["kind"] in ("int6", "int8"):
+            out[name] = e["q"].float() * e["scale"].float()[:, None]
+        else:
+            out[name] = e["data"].float()
+    return out
+
+
+def pack_artifact(config: dict, entries: dict[str, dict]) -> bytes:
+    """Serialise and zstd-22 compress: magic, 8-byte header length, JSON header, raw arrays.
+
+    Arrays are grouped by kind (int6 codes, int8 codes, scales, fp16, fp32) so similar bytes sit
+    together for the compressor. No pickle: the artifact holds only numbers and this header.
+    """
+    header = {"config": config, "tensors": []}
+    parts, offset = [], 0
+    groups = [("int6", "q"), ("int8", "q"), ("int6", "scale"), ("int8", "scale"), ("fp16", "data"), ("fp32", "data")]
+    for kind, field in groups:
+        for name, e in entries.items():
+            if e["kind"] != kind:
+                continue
+            arr = e[field].detach().cpu().contiguous().numpy()
+            header["tensors"].append({"name": name, "kind": kind, "field": field, "dtype": str(arr.dtype),
+                                      "shape": list(arr.shape), "offset": offset})
+            parts.append(arr.tobytes())
+            offset += arr.nbytes
+    head = json.dumps(header).encode()
+    raw = ARTIFACT_MAGIC + len(head).to_bytes(8, "little") + head + b"".join(parts)
+    return zstandard.ZstdCompressor(level=22).compress(raw)
+
+
+def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, dict]]:
+    """Inverse of pack_artifact -> (model config, entries). ValueError if the blob is not an artifact."""
+    raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31)
+    if not raw.startswith(ARTIFACT_MAGIC):
+        raise ValueError("not a train_gpt.py artifact (bad magic)")
+    pos = len(ARTIFACT_MAGIC)
+    head_len = int.from_bytes(raw[pos : pos + 8], "little")
+    header = json.loads(raw[pos + 8 : pos + 8 + head_len])
+    payload = memoryview(raw)[pos + 8 + head_len :]
+    entries: dict[str, dict] = {}
+    for t in header["tensors"]:
+        count = int(np.prod(t["shape"]))
+        arr = np.frombuffer(payload, dtype=np.dtype(t["dtype"]), count=count, offset=t["offset"])
+        entries.setdefault(t["name"], {"kind": t["kind"]})[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]).copy())
+    return header["config"], entries
+
+
+def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
+    """Build a fresh GPT from the artifact file alone (config + dequantized weights)."""
+    with open(path, "rb") as f:
+        config, entries = unpack_artifact(f.read())
+    model = GPT(**config)
+    model.load_state_dict(dequantize_entries(entries), strict=True)
+    return model.to(device), config
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Evaluation: every target scored exactly once, in stream order
+# ----------------------------------------------------------------------------------------------
+
+
+def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows covering targets 0..n_targets-1 exactly once, each with at least seq_len-stride context.
+
+    Window i reads inputs tokens[start_i : start_i + seq_len] and scores its positions >= from_i,
+    i.e. targets start_i + from_i .. start_i + seq_len - 1 (target j is token j+1). The first window
+    scores all of its positions; each later one scores the `stride` targets after the previous.
+    Returns (starts, score_from), int64 tensors of equal length. stride == seq_len gives plain
+    non-overlapping evaluation.
+    """
+    if n_targets < seq_len:
+        raise ValueError(f"validation has {n_targets} targets, fewer than one {seq_len}-token window")
+    firsts = torch.arange(seq_len, n_targets, stride)
+    ends = (firsts + stride).clamp_max(n_targets)
+    starts = torch.cat((torch.zeros(1, dtype=torch.int64), ends - seq_len))
+    score_from = torch.cat((torch.zeros(1, dtype=torch.int64), firsts - (ends - seq_len)))
+    return starts, score_from
+
+
+class ScoreBoard:
+    """Per-target NLL (nats, fp32) and a count of how often each target was scored, on one device."""
+
+    def __init__(self, n_targets: int, device: torch.device):
+        self.nll = torch.zeros(n_targets, device=device)
+        self.count = torch.zeros(n_targets, device=device, dtype=torch.int32)
+
+    def finalize(self, bytes_per_target: torch.Tensor, rt: Runtime) -> tuple[float, float]:
+        """All-reduce, check every target was scored exactly once, return (mean NLL, bpb)."""
+        all_reduce(self.nll, rt)
+        all_reduce(self.count, rt)
+        if not bool((self.count == 1).all()):
+            raise RuntimeError(f"scoring error: {(self.count != 1).sum().item()} targets not scored exactly once")
+        total = float(self.nll.double().sum())
+        return total / self.nll.numel(), bits_per_byte(total, int(bytes_per_target.sum()))
+
+
+@torch.inference_mode()
+def score_windows(model_fn, tokens: torch.Tensor, starts: torch.Tensor, score_from: torch.Tensor,
+                  batch: int, seq_len: int, board: ScoreBoard, device: torch.device) -> None:
+    """Score the given windows in batches of `batch` (the last padded by repetition), writing into board."""
+    if len(starts) == 0:
+        return
+    offsets = torch.arange(seq_len + 1, device=device)
+    for i in range(0, len(starts), batch):
+        s, f = starts[i : i + batch].to(device), score_from[i : i + batch].to(device)
+        real = len(s)
+        if real < batch:
+            s, f = torch.cat((s, s[-1:].expand(batch - real))), torch.cat((f, f[-1:].expand(batch - real)))
+        window = tokens[s[:, None] + offsets]
+        with autocast(device), sdpa_preference(device):
+            nll = model_fn(window[:, :-1], window[:, 1:], reduction="none").float()
+        mask = offsets[None, :seq_len] >= f[:, None]
+        mask[real:] = False
+        target_idx = (s[:, None] + offsets[None, :seq_len])[mask]
+        board.nll.index_put_((target_idx,), nll[mask], accumulate=True)
+        board.count.index_put_((target_idx,), torch.ones_like(target_idx, dtype=torch.int32), accumulate=True)
+
+
+def rank_slice(n: int, rt: Runtime) -> slice:
+    return slice(n * rt.rank // rt.world_size, n * (rt.rank + 1) // rt.world_size)
+
+
+def evaluate(model_fn, tokens: torch.Tensor, bytes_per_target: torch.Tensor, stride: int, args: Hyperparameters,
+             rt: Runtime) -> tuple[float, float, ScoreBoard]:
+    """Score all targets with windows of TRAIN_SEQ_LEN at `stride`, split across ranks -> (loss, bpb, board)."""
+    n = tokens.numel() - 1
+    starts, score_from = sliding_windows(n, args.train_seq_len, stride)
+    mine = rank_slice(len(starts), rt)
+    board = ScoreBoard(n, rt.device)
+    score_windows(model_fn, tokens, starts[mine], score_from[mine], args.eval_batch_seqs, args.train_seq_len,
+                  board, rt.device)
+    loss, bpb = board.finalize(bytes_per_target, rt)
+    return loss, bpb, board
+
+
+def evaluate_ttt(model: GPT, model_fn, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters,
+                 rt: Runtime, log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
+    """Legal score-first test-time training (R3 / PR #549 recipe), in stream order.
+
+    The targets are cut into chunks of TTT_CHUNK_TOKENS; each sliding window belongs to the chunk of
+    its first scored target. For chunk c: score all its windows under inference_mode with the
+    current weights, then (unless c is the last chunk) train all weights on chunk c's own tokens:
+    TTT_EPOCHS passes of SGD+momentum over its TRAIN_SEQ_LEN sequences, LR cosine-decayed over
+    chunks, gradients all-reduced and clipped. So every target is scored before any update that saw
+    it. If the projected time would pass `deadline` (perf_counter seconds), training stops and the
+    remaining chunks are only scored; the log says so.
+    """
+    n, seq_len, chunk = tokens.numel() - 1, args.train_seq_len, args.ttt_chunk_tokens
+    starts, score_from = sliding_windows(n, seq_len, args.eval_stride)
+    chunk_of = (starts + score_from) // chunk
+    num_chunks = (n + chunk - 1) // chunk
+    seqs_per_step = min(args.ttt_batch_seqs, chunk // seq_len)
+    rank_seqs = math.ceil(seqs_per_step / rt.world_size)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    board = ScoreBoard(n, rt.device)
+    score_time = train_time = 0.0
+    training, trained_chunks = True, 0
+    window_bounds = torch.searchsorted(chunk_of, torch.arange(num_chunks + 1))
+    for c in range(num_chunks):
+        t0 = time.perf_counter()
+        lo, hi = int(window_bounds[c]), int(window_bounds[c + 1])
+        mine = rank_slice(hi - lo, rt)
+        score_windows(model_fn, tokens, starts[lo:hi][mine], score_from[lo:hi][mine], args.eval_batch_seqs,
+                      seq_len, board, rt.device)
+        synchronize(rt.device)
+        score_time += time.perf_counter() - t0
+        if c == num_chunks - 1:
+            break
+        if training:
+            projected = time.perf_counter() + train_time / max(trained_chunks, 1) + \
+                score_time / (c + 1) * (num_chunks - c - 1)
+            decision = torch.tensor(float(trained_chunks > 0 and projected > deadline), device=rt.device)
+            if all_reduce(decision, rt, dist.ReduceOp.MAX).item() > 0:
+                training = False
+                log(f"ttt_deadline: stopping adaptation after {trained_chunks} chunks; remaining "
+                    f"{num_chunks - c - 1} chunks are scored without training (EVAL_MAX_SECONDS={args.eval_max_seconds})")
+        if not training:
+            continue
+        t1 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = args.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(1, num_chunks - 1)))
+        seq_starts = torch.arange(c * chunk, min((c + 1) * chunk, n) - seq_len + 1, seq_len)
+        for _ in range(args.ttt_epochs):
+            for b in range(0, len(seq_starts), seqs_per_step):
+                ttt_step(model, model_fn, opt, params, tokens, seq_starts[b : b + seqs_per_step], rank_seqs, args, rt)
+        synchronize(rt.device)
+        train_time += time.perf_counter() - t1
+        trained_chunks += 1
+    loss, bpb = board.finalize(bytes_per_target, rt)
+    log(f"ttt chunks {num_chunks} trained {trained_chunks} score_time {score_time:.1f}s train_time {train_time:.1f}s")
+    return loss, bpb, board
+
+
+def ttt_step(model: GPT, model_fn, opt, params, tokens: torch.Tensor, seq_starts: torch.Tensor, rank_seqs: int,
+             args: Hyperparameters, rt: Runtime) -> None:
+    """One SGD step on the sequences starting at seq_starts (already scored), split across ranks.
+
+    Each rank runs a fixed (rank_seqs, seq_len) batch (padded with zero-weight rows) so the compiled
+    graph never changes shape; the loss is the mean over the real tokens of the whole global batch.
+    """
+    seq_len, device = args.train_seq_len, rt.device
+    mine = seq_starts[rt.rank :: rt.world_size].to(device)
+    real = len(mine)
+    weight = torch.zeros(rank_seqs, 1, device=device)
+    weight[:real] = 1.0 / (len(seq_starts) * seq_len)
+    if real < rank_seqs:
+        mine = torch.cat((mine, torch.zeros(rank_seqs - real, dtype=mine.dtype, device=device)))
+    window = tokens[mine[:, None] + torch.arange(seq_len + 1, device=device)]
+    with autocast(device), sdpa_preference(device):
+        nll = model_fn(window[:, :-1], window[:, 1:], reduction="none")
+    (nll.float() * weight).sum().backward()
+    if rt.distributed:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        all_reduce(flat, rt)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+    torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime) -> None:
+    """Compile the scoring and TTT graphs on random tokens (never validation tokens); weights unchanged."""
+    if rt.device.type != "cuda":
+        return
+    seq_len, vocab = args.train_seq_len, args.vocab_size
+    with torch.inference_mode(), autocast(rt.device), sdpa_preference(rt.device):
+        x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len), device=rt.device)
+        model_fn(x, x, reduction="none")
+    if args.ttt_enabled:
+        rank_seqs = math.ceil(min(args.ttt_batch_seqs, args.ttt_chunk_tokens // seq_len) / rt.world_size)
+        x = torch.randint(0, vocab, (rank_seqs, seq_len), device=rt.device)
+        with autocast(rt.device), sdpa_preference(rt.device):
+            model_fn(x, x, reduction="none").float().sum().backward()
+        model.zero_grad(set_to_none=True)
+    synchronize(rt.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Main
+# ----------------------------------------------------------------------------------------------
+
+
+def write_submission(path: str, fields_: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(fields_, f, indent=2)
+        f.write("\n")
+
+
+def main() -> int:
+    code = open(__file__, "rb").read()
+    args, overrides = Hyperparameters.from_env()
+    rt = init_runtime()
+    log = Logger(args.log_path or ("eval_log.txt" if args.eval_only else "train_log.txt"), rt.is_main)
+    log_run_header(log, args, overrides, rt, code)
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    val_tokens = load_validation_tokens(os.path.join(args.data_path, "fineweb_val_*.bin"), args.train_seq_len,
+                                        args.vocab_size)
+    bytes_per_target = target_bytes(val_tokens, byte_tables(sp))
+    val_tokens = val_tokens.to(rt.device)
+    log(f"val_tokens {val_tokens.numel() - 1} val_bytes {int(bytes_per_target.sum())}")
+    summary: dict = {"seed": args.seed, "world_size": rt.world_size,
+                     "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"}
+
+    if not args.eval_only:
+        model = GPT(**model_config(args, sp.bos_id())).to(rt.device)
+        log(f"model_params {sum(p.numel() for p in model.parameters())}")
+        accum = grad_accum_steps(args, rt)
+        seqs = args.train_batch_tokens // (rt.world_size * accum * args.train_seq_len)
+        loader = TokenLoader(os.path.join(args.data_path, "fineweb_train_*.bin"), args.train_seq_len, seqs, rt,
+                             args.seed, args.vocab_size)
+        budget = args.max_wallclock_seconds - args.gptq_reserve_seconds
+        result, ema = train(args, model, loader, rt, accum, log, budget)
+        t_gptq = time.perf_counter()  # GPTQ reads training data, so it counts as training time
+        ema.copy_to_model()
+        hessians = collect_hessians(model, loader, args.gptq_calib_batches, rt) if args.gptq_calib_batches else {}
+        entries = quantize_state_dict(model.state_dict(), hessians) if rt.is_main else None
+        synchronize(rt.device)
+        gptq_seconds = time.perf_counter() - t_gptq
+        train_seconds = result.loop_seconds + gptq_seconds
+        log(f"gptq hessians {len(hessians)} calib_batches {args.gptq_calib_batches} "
+            f"gptq_time {gptq_seconds:.1f}s train_seconds {train_seconds:.1f}s "
+            f"(limit {args.max_wallclock_seconds:.0f}s {'OK' if train_seconds <= args.max_wallclock_seconds else 'OVER'})")
+        summary.update(steps=result.steps, step_ms=round(result.step_ms, 2), train_seconds=round(train_seconds, 1))
+
+        t_eval = time.perf_counter()
+        model_fn = maybe_compile(model, rt.device)
+        loss, bpb, _ = evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt)
+        log(f"final pre_quant val_loss {loss:.6f} val_bpb {bpb:.6f}")
+        summary.update(pre_quant_val_bpb=round(bpb, 6))
+        if rt.is_main:
+            blob = pack_artifact(model_config(args, sp.bos_id()), entries)
+            with open(args.artifact, "wb") as f:
+                f.write(blob)
+        if rt.distributed:
+            dist.barrier()
+        del model, model_fn, ema, entries, hessians
+    else:
+        if not os.path.isfile(args.artifact):
+            raise FileNotFoundError(f"EVAL_ONLY=1 needs an artifact; {args.artifact!r} does not exist (set ARTIFACT)")
+        t_eval = time.perf_counter()
+    deadline = t_eval + args.eval_max_seconds
+
+    bytes_model, bytes_code = os.path.getsize(args.artifact), len(code)
+    bytes_total = bytes_model + bytes_code
+    fits = bytes_total < ARTIFACT_LIMIT_BYTES
+    log(f"artifact {args.artifact} bytes_model {bytes_model} bytes_code {bytes_code} bytes_total {bytes_total} "
+        f"(limit {ARTIFACT_LIMIT_BYTES}: {'OK' if fits else 'OVER THE LIMIT'})")
+
+    model, config = load_artifact_model(args.artifact, rt.device)
+    if config["vocab_size"] != args.vocab_size or config["max_seq_len"] != args.train_seq_len:
+        raise ValueError(f"artifact was built for vocab {config['vocab_size']} / seq_len {config['max_seq_len']}; "
+                         "set VOCAB_SIZE and TRAIN_SEQ_LEN to match")
+    model_fn = maybe_compile(model, rt.device)
+    warm_up_eval_graphs(model, model_fn, args, rt)
+    loss, bpb, board = evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt)
+    log(f"final roundtrip val_loss {loss:.6f} val_bpb {bpb:.6f}")
+    summary.update(roundtrip_val_bpb=round(bpb, 6))
+    loss, bpb, board = evaluate(model_fn, val_tokens, bytes_per_target, args.eval_stride, args, rt)
+    log(f"final sliding val_loss {loss:.6f} val_bpb {bpb:.6f} stride {args.eval_stride} "
+        f"eval_time {time.perf_counter() - t_eval:.1f}s")
+    summary.update(sliding_val_bpb=round(bpb, 6))
+    if args.ttt_enabled:
+        loss, bpb, board = evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log, deadline)
+        log(f"final ttt val_loss {loss:.6f} val_bpb {bpb:.6f}")
+        summary.update(ttt_val_bpb=round(bpb, 6))
+    eval_seconds = time.perf_counter() - t_eval
+    log(f"eval_seconds {eval_seconds:.1f} (limit {args.eval_max_seconds:.0f}s "
+        f"{'OK' if eval_seconds <= args.eval_max_seconds else 'OVER'})")
+    log(f"final val_loss {loss:.6f} val_bpb {bpb:.6f} bytes_total {bytes_total}")
+
+    if rt.is_main:
+        if args.scores_path:
+            np.save(args.scores_path, board.nll.cpu().numpy().astype(np.float32))
+        if not args.eval_only:
+            write_submission(args.submission_path, {
+                "name": SUBMISSION_NAME, "val_bpb": round(bpb, 6), "val_loss": round(loss, 6),
+                "bytes_total": bytes_total, "bytes_code": bytes_code, "bytes_model": bytes_model,
+                "eval_seconds": round(eval_seconds, 1), **summary,
+                "date": datetime.date.today().isoformat(),
+            })
+    if rt.distributed:
+        dist.destroy_process_group()
+    if not fits:
+        log(f"ERROR: artifact is {bytes_total} bytes, not under the {ARTIFACT_LIMIT_BYTES}-byte cap")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
