@@ -820,6 +820,34 @@ def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
     return accum
 
 
+def wrap_for_training(model: GPT, rt: Runtime) -> nn.Module:
+    """torch.compile (GPU), then DistributedDataParallel when several ranks run."""
+    compiled = maybe_compile(model, rt.device)
+    if not rt.distributed:
+        return compiled
+    return DistributedDataParallel(compiled, device_ids=[rt.local_rank], broadcast_buffers=False)
+
+
+def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad_clip_norm: float,
+               rt: Runtime) -> torch.Tensor:
+    """One optimizer step over micro-batches [(x, y), ...] (gradient accumulation; DDP syncs on the
+    last one). Returns the mean training loss as a device scalar."""
+    total = torch.zeros((), device=rt.device)
+    for micro, (x, y) in enumerate(batches):
+        sync_grads = not rt.distributed or micro == len(batches) - 1
+        with (contextlib.nullcontext() if sync_grads else net.no_sync()), autocast(rt.device), \
+                sdpa_preference(rt.device):
+            loss = net(x, y)
+        (loss / len(batches)).backward()
+        total += loss.detach() / len(batches)
+    if grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
 def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, accum: int, log: Logger,
           budget_seconds: float) -> tuple[TrainResult, EMA]:
     """Train until `budget_seconds` of wall clock (or ITERATIONS) and return the result and the EMA.
@@ -828,32 +856,13 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
     and optimizers are then reset to their initial state. The LR warm-down follows the fraction of
     the budget used; the stop decision is the max over ranks, so every rank stops at the same step.
     """
-    compiled = maybe_compile(model, rt.device)
-    net = DistributedDataParallel(compiled, device_ids=[rt.local_rank], broadcast_buffers=False) \
-        if rt.distributed else compiled
-
-    def step(optimizers, batches) -> torch.Tensor:
-        total = torch.zeros((), device=rt.device)
-        for micro, (x, y) in enumerate(batches):
-            sync_grads = not rt.distributed or micro == accum - 1
-            with (contextlib.nullcontext() if sync_grads else net.no_sync()), autocast(rt.device), \
-                    sdpa_preference(rt.device):
-                loss = net(x, y)
-            (loss / accum).backward()
-            total += loss.detach() / accum
-        if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        return total
-
+    net = wrap_for_training(model, rt)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     warm_opts = build_optimizers(model, args, rt)
     seqs = loader.seqs_per_rank
     for _ in range(args.warmup_steps):
         rand = torch.randint(0, args.vocab_size, (accum, seqs, args.train_seq_len + 1), device=rt.device)
-        step(warm_opts, [(r[:, :-1], r[:, 1:]) for r in rand])
+        train_step(net, model, warm_opts, [(r[:, :-1], r[:, 1:]) for r in rand], args.grad_clip_norm, rt)
     synchronize(rt.device)
     model.load_state_dict(initial_state)
     del warm_opts, initial_state
@@ -874,7 +883,7 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
                 group["lr"] = group["base_lr"] * scale
                 if isinstance(opt, Muon):
                     group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
-        loss = step(optimizers, [loader.next_batch() for _ in range(accum)])
+        loss = train_step(net, model, optimizers, [loader.next_batch() for _ in range(accum)], args.grad_clip_norm, rt)
         ema.update()
         n += 1
         if n % args.log_every == 0:
@@ -996,42 +1005,104 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: i
     return torch.empty_like(q_all).scatter_(-1, perm[:, None, :].expand(L, rows, cols), q_all).to(torch.int8)
 
 
-def quantize_state_dict(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Map a float state dict to storable entries {name: {"kind", "q", "scale"} or {"kind", "data"}}.
+def quantize_rows(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Round-to-nearest codes: w (..., rows, cols) / scale (..., rows) -> int8 in [-qmax, qmax]."""
+    return (w / scale[..., None]).round().clamp(-qmax, qmax).to(torch.int8)
 
-    Block matrices -> int6 (GPTQ when a Hessian exists, else clip-searched rounding), batched over
-    layers that share a role; other large matrices (embeddings) -> int8 per row; small tensors -> fp16
-    (2-D) or fp32 (1-D). All per-row scales are fp16.
-    """
-    entries: dict[str, dict] = {}
-    roles: dict[tuple, list[str]] = {}
+
+def is_block_matrix(name: str, t: torch.Tensor) -> bool:
+    """Large 2-D weights inside the transformer blocks: these are stored as int6."""
+    return name.startswith("blocks.") and t.ndim == 2 and t.numel() > QUANT_MIN_NUMEL
+
+
+def quantize_fixed_tensors(state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Entries for everything outside the blocks' matrices: embeddings (2-D, > QUANT_MIN_NUMEL) as
+    int8 per row with clip search; small tensors as fp16 (2-D) or fp32 (1-D)."""
+    entries = {}
     for name, t in state.items():
-        if t.numel() <= QUANT_MIN_NUMEL or t.ndim != 2:
-            small_matrix = t.ndim >= 2
-            entries[name] = {"kind": "fp16" if small_matrix else "fp32",
-                             "data": t.detach().to(torch.float16 if small_matrix else torch.float32)}
-        elif name.startswith("blocks."):
-            role = name.split(".", 2)[2]
-            roles.setdefault((role, tuple(t.shape), name in hessians), []).append(name)
-        else:
+        if is_block_matrix(name, t):
+            continue
+        if t.ndim == 2 and t.numel() > QUANT_MIN_NUMEL:
             w = t.detach().float()
             scale = choose_row_scales(w, INT8_MAX)
-            entries[name] = {"kind": "int8", "q": (w / scale[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8),
-                             "scale": scale.half()}
+            entries[name] = {"kind": "int8", "q": quantize_rows(w, scale, INT8_MAX), "scale": scale.half()}
+        else:
+            entries[name] = {"kind": "fp16" if t.ndim >= 2 else "fp32",
+                             "data": t.detach().to(torch.float16 if t.ndim >= 2 else torch.float32)}
+    return entries
+
+
+@dataclass
+class MatrixGroup:
+    """Block matrices of one role (e.g. attn.c_q of every layer), stacked: w (L, rows, cols),
+    their GPTQ Hessians h (L, cols, cols) or None, and clip-searched int6 scales (L, rows)."""
+
+    names: list[str]
+    w: torch.Tensor
+    h: torch.Tensor | None
+    scale: torch.Tensor
+
+
+def matrix_groups(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> list[MatrixGroup]:
+    roles: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        if is_block_matrix(name, t):
+            roles.setdefault((name.split(".", 2)[2], tuple(t.shape), name in hessians), []).append(name)
+    groups = []
     for (_, _, has_h), names in roles.items():
         w = torch.stack([state[n].detach().float() for n in names])
-        scale = choose_row_scales(w, INT6_MAX)
-        if has_h:
-            q = gptq_quantize(w, torch.stack([hessians[n] for n in names]).to(w.device), scale, INT6_MAX)
+        h = torch.stack([hessians[n] for n in names]).to(w.device) if has_h else None
+        groups.append(MatrixGroup(names, w, h, choose_row_scales(w, INT6_MAX)))
+    return groups
+
+
+def quantize_groups(groups: list[MatrixGroup], alpha: float, use_gptq: bool) -> dict[str, dict]:
+    """int6 entries for every group with step sizes alpha * scale (GPTQ where a Hessian exists)."""
+    entries = {}
+    for g in groups:
+        scale = (g.scale * alpha).half().float()
+        if use_gptq and g.h is not None:
+            q = gptq_quantize(g.w, g.h, scale, INT6_MAX)
         else:
-            q = (w / scale[..., None]).round().clamp(-INT6_MAX, INT6_MAX).to(torch.int8)
-        for i, n in enumerate(names):
+            q = quantize_rows(g.w, scale, INT6_MAX)
+        for i, n in enumerate(g.names):
             entries[n] = {"kind": "int6", "q": q[i], "scale": scale[i].half()}
     return entries
 
 
+def quantize_to_fit(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], config: dict,
+                    max_bytes: int) -> tuple[dict[str, dict], float]:
+    """Quantize a float state dict so its compressed artifact stays under max_bytes.
+
+    The int6 step sizes of all block matrices are multiplied by the smallest alpha >= 1 whose
+    estimated size fits: bisection on round-to-nearest codes, then GPTQ at that alpha, raising
+    alpha until the GPTQ codes fit too. Sizes are estimated with zstd level 1, which lands within
+    about 0.1% of level 22 on these near-i.i.d. codes. Returns (entries, alpha).
+    """
+    fixed = quantize_fixed_tensors(state)
+    groups = matrix_groups(state, hessians)
+    target = int(max_bytes * 0.998)
+
+    def size(entries: dict) -> int:
+        return len(zstandard.ZstdCompressor(level=1).compress(serialize_artifact(config, {**fixed, **entries})))
+
+    lo, hi = 1.0, 1.0
+    while size(quantize_groups(groups, hi, use_gptq=False)) > target:
+        lo, hi = hi, hi * 1.25
+    for _ in range(8 if hi > 1.0 else 0):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if size(quantize_groups(groups, mid, use_gptq=False)) <= target else (mid, hi)
+    alpha = hi
+    while True:
+        entries = quantize_groups(groups, alpha, use_gptq=True)
+        excess = size(entries) / target - 1.0
+        if excess <= 0:
+            return {**fixed, **entries}, alpha
+        alpha *= 2.0 ** (6.0 * excess + 0.002)  # ~5-6 bits per code: size ~ -log2(alpha) per code
+
+
 def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """Inverse of quantize_state_dict (up to rounding): fp32 tensors."""
+    """Inverse of the quantizers (up to rounding): fp32 tensors."""
     out = {}
     for name, e in entries.items():
         if e["kind"] in ("int6", "int8"):
@@ -1041,8 +1112,8 @@ def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
     return out
 
 
-def pack_artifact(config: dict, entries: dict[str, dict]) -> bytes:
-    """Serialise and zstd-22 compress: magic, 8-byte header length, JSON header, raw arrays.
+def serialize_artifact(config: dict, entries: dict[str, dict]) -> bytes:
+    """Uncompressed artifact: magic, 8-byte header length, JSON header, raw arrays.
 
     Arrays are grouped by kind (int6 codes, int8 codes, scales, fp16, fp32) so similar bytes sit
     together for the compressor. No pickle: the artifact holds only numbers and this header.
@@ -1060,8 +1131,12 @@ def pack_artifact(config: dict, entries: dict[str, dict]) -> bytes:
             parts.append(arr.tobytes())
             offset += arr.nbytes
     head = json.dumps(header).encode()
-    raw = ARTIFACT_MAGIC + len(head).to_bytes(8, "little") + head + b"".join(parts)
-    return zstandard.ZstdCompressor(level=22).compress(raw)
+    return ARTIFACT_MAGIC + len(head).to_bytes(8, "little") + head + b"".join(parts)
+
+
+def pack_artifact(config: dict, entries: dict[str, dict]) -> bytes:
+    """The artifact file's bytes: serialize_artifact compressed with zstd level 22."""
+    return zstandard.ZstdCompressor(level=22).compress(serialize_artifact(config, entries))
 
 
 def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, dict]]:
@@ -1314,11 +1389,13 @@ def main() -> int:
         t_gptq = time.perf_counter()  # GPTQ reads training data, so it counts as training time
         ema.copy_to_model()
         hessians = collect_hessians(model, loader, args.gptq_calib_batches, rt) if args.gptq_calib_batches else {}
-        entries = quantize_state_dict(model.state_dict(), hessians) if rt.is_main else None
+        config = model_config(args, sp.bos_id())
+        entries, alpha = quantize_to_fit(model.state_dict(), hessians, config, ARTIFACT_LIMIT_BYTES - len(code)) \
+            if rt.is_main else (None, 0.0)
         synchronize(rt.device)
         gptq_seconds = time.perf_counter() - t_gptq
         train_seconds = result.loop_seconds + gptq_seconds
-        log(f"gptq hessians {len(hessians)} calib_batches {args.gptq_calib_batches} "
+        log(f"gptq hessians {len(hessians)} calib_batches {args.gptq_calib_batches} int6_step_scale {alpha:.4f} "
             f"gptq_time {gptq_seconds:.1f}s train_seconds {train_seconds:.1f}s "
             f"(limit {args.max_wallclock_seconds:.0f}s {'OK' if train_seconds <= args.max_wallclock_seconds else 'OVER'})")
         summary.update(steps=result.steps, step_ms=round(result.step_ms, 2), train_seconds=round(train_seconds, 1))
@@ -1329,9 +1406,10 @@ def main() -> int:
         log(f"final pre_quant val_loss {loss:.6f} val_bpb {bpb:.6f}")
         summary.update(pre_quant_val_bpb=round(bpb, 6))
         if rt.is_main:
-            blob = pack_artifact(model_config(args, sp.bos_id()), entries)
+            t_pack = time.perf_counter()
             with open(args.artifact, "wb") as f:
-                f.write(blob)
+                f.write(pack_artifact(config, entries))
+            log(f"artifact written in {time.perf_counter() - t_pack:.1f}s")
         if rt.distributed:
             dist.barrier()
         del model, model_fn, ema, entries, hessians

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Time and profile train_gpt.py's training step on random tokens (one GPU, no data needed).
+
+usage: TRAIN_BATCH_TOKENS=98304 python3 bench/train_step.py [--steps 30] [--profile-steps 5]
+The model and batch come from the same environment variables as train_gpt.py (one micro-batch
+per step). Prints median ms for a full step, for forward+backward alone and for the optimizer
+steps alone, model TFLOP/s, then the CUDA kernels that take the most time.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train_gpt as tg  # noqa: E402
+
+
+def timed(fn, steps: int) -> float:
+    """Median milliseconds of fn() over `steps` calls, timed with CUDA events."""
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--profile-steps", type=int, default=5)
+    a = ap.parse_args()
+    args, _ = tg.Hyperparameters.from_env()
+    rt = tg.init_runtime()
+    model = tg.GPT(**tg.model_config(args, bos_id=1)).to(rt.device)
+    net = tg.wrap_for_training(model, rt)
+    opts = tg.build_optimizers(model, args, rt)
+    seqs = args.train_batch_tokens // (rt.world_size * args.train_seq_len)
+
+    def batch():
+        r = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len + 1), device=rt.device)
+        return [(r[:, :-1], r[:, 1:])]
+
+    def step():
+        tg.train_step(net, model, opts, batch(), args.grad_clip_norm, rt)
+
+    def forward_backward():
+        (x, y), = batch()
+        with tg.autocast(rt.device), tg.sdpa_preference(rt.device):
+            net(x, y).backward()
+        model.zero_grad(set_to_none=True)
+
+    def optimizers_only():
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        for opt in opts:
+            opt.step()
+
+    for _ in range(10):
+        step()
+    full = timed(step, a.steps)
+    fwd_bwd = timed(forward_backward, a.steps)
+    opt_ms = timed(optimizers_only, a.steps)
+    flops = tg.matmul_flops_per_token(model, args.train_seq_len) * seqs * args.train_seq_len
+    print(f"tokens/step {seqs * args.train_seq_len}  params {sum(p.numel() for p in model.parameters())}")
+    print(f"full step {full:.2f} ms ({flops / full / 1e9:.0f} TFLOP/s)  forward+backward {fwd_bwd:.2f} ms  "
+          f"optimizers {opt_ms:.2f} ms")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.profile_steps):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
