@@ -1,0 +1,65 @@
+"""bpb accounting on the real stand-in corpus (REPO_ROOT/../shared/data) with the challenge's sp1024.
+
+The only test module that reads outside files; it skips, naming the missing path, when they are absent.
+"""
+from __future__ import annotations
+
+import lzma
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BOS, SHARED_DATA, tg
+
+VAL_XZ = SHARED_DATA / "blogwiki_sp1024" / "fineweb_val_000000.bin.xz"
+TOKENIZER = SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model"
+# From SHARED_DATA/README.md: the val shard's text is 12,793,422 bytes "as the tokenizer normalizes
+# them (what bpb counts)", in 7,680 documents and 5,309,690 tokens.
+README_VAL_BYTES, README_VAL_DOCS, README_VAL_TOKENS = 12_793_422, 7_680, 5_309_690
+
+if not SHARED_DATA.is_dir():
+    pytest.skip(f"stand-in data folder {SHARED_DATA} is missing; these bpb checks need it",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    for path in (VAL_XZ, TOKENIZER):
+        if not path.is_file():
+            pytest.skip(f"{path} is missing")
+    shard = tmp_path_factory.mktemp("real") / "fineweb_val_000000.bin"
+    with lzma.open(VAL_XZ) as src, open(shard, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=1 << 22)
+    sp = tg.load_tokenizer(str(TOKENIZER), 1024)
+    return np.asarray(tg.open_shard(str(shard))), sp
+
+
+def test_real_shard_layout(real):
+    tokens, _ = real
+    assert tokens.size == README_VAL_TOKENS
+    assert tokens[0] == BOS and int((tokens == BOS).sum()) == README_VAL_DOCS
+    tg.check_token_ids(tokens, 1024, "val")
+
+
+def test_real_documents_bytes_match_decoded_text(real):
+    """For the first 300 documents, target_bytes over [BOS, doc...] sums to len(decode(doc) in UTF-8)."""
+    tokens, sp = real
+    tables = tg.byte_tables(sp)
+    starts = np.flatnonzero(tokens == BOS)[:301]
+    n_byte_tokens = 0
+    for s, e in zip(starts[:-1], starts[1:]):
+        doc = tokens[s:e].astype(np.int64)
+        ids = doc[1:].tolist()
+        n_byte_tokens += sum(sp.is_byte(i) for i in ids)
+        got = int(tg.target_bytes(torch.from_numpy(doc), tables).sum())
+        assert got == len(sp.decode(ids).encode("utf-8")), f"document at token {s}"
+    assert n_byte_tokens > 0
+
+
+def test_real_total_bytes_match_readme(real):
+    """Over the whole val stream the credited bytes equal the corpus README's normalised byte count."""
+    tokens, sp = real
+    total = int(tg.target_bytes(torch.from_numpy(tokens.astype(np.int64)), tg.byte_tables(sp)).sum())
+    assert total == README_VAL_BYTES
