@@ -127,6 +127,12 @@ def perturb(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Mo
     return model
 
 
+def tiny_model_env(vocab_size: int, **overrides) -> dict[str, str]:
+    """Environment variables that give train_gpt.py the tiny_config() model shape."""
+    config = tiny_config(vocab_size, **overrides)
+    return {k.upper(): str(config[k]) for k in tg.MODEL_FIELDS}
+
+
 def tiny_model(seed: int = 0, std: float = 0.05, **overrides) -> tg.GPT:
     """A perturbed tiny GPT in eval mode (fp32, CPU)."""
     torch.manual_seed(seed)

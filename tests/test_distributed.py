@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TRAIN_GPT, script_env
+from conftest import TRAIN_GPT, script_env, tiny_model_env
 
 RANKS = (1, 2, 4)
 
@@ -38,9 +38,8 @@ def final(log: str, what: str) -> float:
 def runs(tmp_path_factory, data_dir, tokenizer):
     """Train on 1, 2 and 4 ranks; evaluate the 1-rank artifact on 2 and 4 ranks (EVAL_ONLY)."""
     base = dict(
-        DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer.path), VOCAB_SIZE=str(tokenizer.vocab_size),
-        NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8", XSA_LAST_N="2",
-        BIGRAM_BUCKETS="64", BIGRAM_DIM="16", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024",
+        **tiny_model_env(tokenizer.vocab_size), DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer.path),
+        TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024",
         MICRO_BATCH_TOKENS="256", ITERATIONS="6", WARMUP_STEPS="1", LOG_EVERY="1", GPTQ_CALIB_BATCHES="1",
         GPTQ_RESERVE_SECONDS="1", EVAL_STRIDE="32", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="256",
         TTT_BATCH_SEQS="4", TTT_LR="0.05", EMA_DECAY="0.5", OMP_NUM_THREADS="1",

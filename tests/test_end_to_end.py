@@ -13,20 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TRAIN_GPT, script_env, tg
+from conftest import TRAIN_GPT, script_env, tg, tiny_model_env
 
 CODE = TRAIN_GPT.read_bytes()
 SEQ = 64
 
 TINY_ENV = dict(
-    NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8", XSA_LAST_N="2",
-    BIGRAM_BUCKETS="64", BIGRAM_DIM="16", TRAIN_SEQ_LEN=str(SEQ), TRAIN_BATCH_TOKENS="1024",
+    TRAIN_SEQ_LEN=str(SEQ), TRAIN_BATCH_TOKENS="1024",
     MICRO_BATCH_TOKENS="1024", ITERATIONS="20", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="60",
     GPTQ_RESERVE_SECONDS="1", GPTQ_CALIB_BATCHES="2", EVAL_STRIDE="32", EVAL_BATCH_SEQS="8",
     TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4", EMA_DECAY="0.9", SCORES_PATH="scores.npy",
-    # hidden 64 * 16.5 = 1056: the MLP matrices (67,584 weights) exceed QUANT_MIN_NUMEL, so the run also
-    # goes through Hessian collection, GPTQ int6 and the step-size search, not only fp16 storage.
-    MLP_MULT="16.5",
 )
 
 
@@ -52,8 +48,10 @@ def number(line: str, key: str) -> float:
 @pytest.fixture(scope="module")
 def training_run(tmp_path_factory, tokenizer, data_dir):
     cwd = tmp_path_factory.mktemp("e2e")
-    env = script_env(**TINY_ENV, DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer.path),
-                     VOCAB_SIZE=str(tokenizer.vocab_size))
+    # hidden 64 * 16.5 = 1056: the MLP matrices (67,584 weights) exceed QUANT_MIN_NUMEL, so the run also
+    # goes through Hessian collection, GPTQ int6 and the step-size search, not only fp16 storage.
+    env = script_env(**TINY_ENV, **tiny_model_env(tokenizer.vocab_size, mlp_mult=16.5), DATA_PATH=str(data_dir),
+                     TOKENIZER_PATH=str(tokenizer.path))
     run_script(cwd, env)
     return cwd, env
 
