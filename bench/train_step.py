@@ -74,7 +74,7 @@ def main() -> None:
         for _ in range(a.profile_steps):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=160))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ DATA=$1; OUT=$2; shift 2
 GPUS=${*:-1 2 4}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export DATA_PATH=$DATA TOKENIZER_PATH=$DATA/fineweb_1024_bpe.model TRAIN_BATCH_TOKENS=393216 ITERATIONS=50 LOG_EVERY=1
+VOCAB=${VOCAB:-8192}  # the tokenizer DATA_DIR was made with (DATA_DIR/fineweb_${VOCAB}_bpe.model)
+export DATA_PATH=$DATA TOKENIZER_PATH=$DATA/fineweb_${VOCAB}_bpe.model VOCAB_SIZE=$VOCAB
+export TRAIN_BATCH_TOKENS=393216 ITERATIONS=50 LOG_EVERY=1
 for n in $GPUS; do
   env TTT_ENABLED=0 LOG_PATH="$OUT/train_${n}gpu.txt" ARTIFACT="$OUT/model_${n}gpu.ptz" \
     SUBMISSION_PATH="$OUT/submission_${n}gpu.json" python3 -m torch.distributed.run --standalone --nproc_per_node="$n" train_gpt.py > /dev/null

@@ -95,6 +95,9 @@ def test_log_lines(training_run):
     for prefix in ("final pre_quant ", "final roundtrip ", "final sliding ", "final ttt "):
         line = log_line(lines, prefix)
         assert math.isfinite(number(line, "val_bpb")) and number(line, "val_bpb") > 0
+    # the artifact is on disk before any evaluation starts, the pre-quant diagnostic included
+    assert lines.index(log_line(lines, "artifact written ")) < lines.index(log_line(lines, "final pre_quant "))
+    assert number(log_line(lines, "artifact written "), "step_scale") >= 1.0
     expected_total = (cwd / "final_model.int6.ptz").stat().st_size + len(CODE)
     assert number(log_line(lines, "artifact final_model.int6.ptz "), "bytes_total") == expected_total
     assert number(log_line(lines, "final val_loss "), "bytes_total") == expected_total

@@ -1,7 +1,7 @@
-"""Quantization: int6 (GPTQ) / int8 / fp16 entries, the zstd artifact round trip, and fitting a byte budget.
+"""Quantization: int6 (GPTQ) / int7 / fp16 entries, the zstd artifact round trip, and fitting a byte budget.
 
 The tiny model's matrices are far below QUANT_MIN_NUMEL (65,536), so the threshold is lowered for
-these tests; every path (int6 block matrices, int8 embedding, fp16/fp32 small tensors) is then used.
+these tests; every path (int6 block matrices, int7 embeddings, fp16/fp32 small tensors) is then used.
 """
 from __future__ import annotations
 
@@ -32,8 +32,13 @@ def expected_kind(name: str, t: torch.Tensor) -> str:
     if name.startswith("blocks.") and t.ndim == 2 and t.numel() > THRESHOLD:
         return "int6"
     if t.ndim == 2 and t.numel() > THRESHOLD:
-        return "int8"
+        return "int7"
     return "fp16" if t.ndim == 2 else "fp32"
+
+
+def quantize(state, hessians, config, max_bytes):
+    """main()'s path: group the large matrices, store the rest as floats, fit the byte budget."""
+    return tg.quantize_to_fit(tg.matrix_groups(state, hessians), tg.quantize_small_tensors(state), config, max_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +71,7 @@ def test_collect_hessians(model_and_hessians):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qmax", [tg.INT6_MAX, tg.INT8_MAX])
+@pytest.mark.parametrize("qmax", [tg.INT6_MAX, tg.INT7_MAX])
 def test_quantize_rows_error_bound(qmax):
     """Round-to-nearest: error <= scale/2 inside the clip range, codes saturate at +-qmax outside it."""
     g = torch.Generator().manual_seed(qmax)
@@ -157,14 +162,14 @@ def test_gptq_dead_columns_are_zero():
 
 def test_quantize_pack_unpack_dequantize(model_and_hessians, tmp_path):
     """Every tensor survives pack -> unpack bit-exactly, with the right kind, code range, shape and dtype;
-    dequantized values are close to the float weights (RTN int8 within scale/2)."""
+    dequantized values are close to the float weights (RTN int7 within scale/2)."""
     model, hessians = model_and_hessians
     state, config = model.state_dict(), tiny_config()
-    entries, alpha = tg.quantize_to_fit(state, hessians, config, 10**9)
+    entries, alpha = quantize(state, hessians, config, 10**9)
     assert alpha == 1.0
     assert set(entries) == set(state)
     kinds = {name: expected_kind(name, t) for name, t in state.items()}
-    assert {e["kind"] for e in entries.values()} == {"int6", "int8", "fp16", "fp32"}
+    assert {e["kind"] for e in entries.values()} == {"int6", "int7", "fp16", "fp32"}
 
     blob = tg.pack_artifact(config, entries)
     path = tmp_path / "model.ptz"
@@ -183,13 +188,13 @@ def test_quantize_pack_unpack_dequantize(model_and_hessians, tmp_path):
     for name, w in state.items():
         e, w = entries2[name], w.float()
         assert deq[name].shape == w.shape and deq[name].dtype == torch.float32, name
-        if e["kind"] in ("int6", "int8"):
-            qmax = tg.INT6_MAX if e["kind"] == "int6" else tg.INT8_MAX
+        if e["kind"] in ("int6", "int7"):
+            qmax = tg.INT6_MAX if e["kind"] == "int6" else tg.INT7_MAX
             assert e["q"].dtype == torch.int8 and int(e["q"].abs().max()) <= qmax
             assert e["scale"].dtype == torch.float16 and e["scale"].shape == (w.shape[0],)
             rel = float((deq[name] - w).norm() / w.norm())
             assert rel < 0.1, (name, rel)
-        if e["kind"] == "int8":  # plain round-to-nearest: per-element bound where not clipped
+        if e["kind"] == "int7":  # plain round-to-nearest: per-element bound where not clipped
             s = e["scale"].float()[:, None].expand_as(w)
             inside = w.abs() <= qmax * s
             assert bool(((deq[name] - w).abs()[inside] <= s[inside] / 2 * (1 + 1e-5)).all())
@@ -200,32 +205,31 @@ def test_quantize_pack_unpack_dequantize(model_and_hessians, tmp_path):
 
 
 def test_quantize_to_fit_tight_budget(model_and_hessians):
-    """A budget below the alpha=1 size forces coarser int6 steps (alpha > 1) and the packed artifact fits."""
+    """A budget below the alpha=1 size forces coarser int6 and int7 steps (alpha > 1) and the packed
+    artifact fits."""
     model, hessians = model_and_hessians
     state, config = model.state_dict(), tiny_config()
-    loose, alpha1 = tg.quantize_to_fit(state, hessians, config, 10**9)
+    loose, alpha1 = quantize(state, hessians, config, 10**9)
     loose_size = len(tg.pack_artifact(config, loose))
     budget = int(loose_size * 0.85)
-    tight, alpha = tg.quantize_to_fit(state, hessians, config, budget)
+    tight, alpha = quantize(state, hessians, config, budget)
     assert alpha1 == 1.0 and alpha > 1.0
     assert len(tg.pack_artifact(config, tight)) <= budget
     for name, e in tight.items():
-        if e["kind"] == "int6":
+        if e["kind"] in ("int6", "int7"):
             # step sizes are the alpha=1 ones scaled by alpha (up to fp16 rounding)
             torch.testing.assert_close(e["scale"].float(), (loose[name]["scale"].float() * alpha).half().float(),
                                        rtol=2e-3, atol=0)
-            assert int(e["q"].abs().max()) <= tg.INT6_MAX
+            assert int(e["q"].abs().max()) <= (tg.INT6_MAX if e["kind"] == "int6" else tg.INT7_MAX)
         else:
-            for field in ("q", "scale", "data"):
-                if field in e:
-                    assert torch.equal(e[field], loose[name][field])  # only int6 matrices change
+            assert torch.equal(e["data"], loose[name]["data"])  # small tensors do not change
 
 
 def test_quantize_to_fit_without_hessians_uses_rtn(model_and_hessians):
     """Matrices without a Hessian are rounded to nearest with the clip-searched scales."""
     model, _ = model_and_hessians
     state = model.state_dict()
-    entries, alpha = tg.quantize_to_fit(state, {}, tiny_config(), 10**9)
+    entries, alpha = quantize(state, {}, tiny_config(), 10**9)
     assert alpha == 1.0
     name = "blocks.1.mlp.fc.weight"
     w = state[name].float()
@@ -239,7 +243,7 @@ def test_load_artifact_model_matches_dequantized(model_and_hessians, tmp_path):
     dequantized state dict, and close to the float model's."""
     model, hessians = model_and_hessians
     config = tiny_config()
-    entries, _ = tg.quantize_to_fit(model.state_dict(), hessians, config, 10**9)
+    entries, _ = quantize(model.state_dict(), hessians, config, 10**9)
     path = tmp_path / "model.ptz"
     path.write_bytes(tg.pack_artifact(config, entries))
 

@@ -1,4 +1,5 @@
-"""bpb accounting on the real stand-in corpus (REPO_ROOT/../shared/data) with the challenge's sp1024.
+"""bpb accounting on the real stand-in corpus (REPO_ROOT/../shared/data) with the challenge's sp1024 and
+sp8192 tokenizers (both encode the same validation text, so both must credit the same bytes).
 
 The only test module that reads outside files; it skips, naming the missing path, when they are absent.
 """
@@ -13,34 +14,36 @@ import torch
 
 from conftest import BOS, SHARED_DATA, tg
 
-VAL_XZ = SHARED_DATA / "blogwiki_sp1024" / "fineweb_val_000000.bin.xz"
-TOKENIZER = SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model"
 # From SHARED_DATA/README.md: the val shard's text is 12,793,422 bytes "as the tokenizer normalizes
-# them (what bpb counts)", in 7,680 documents and 5,309,690 tokens.
-README_VAL_BYTES, README_VAL_DOCS, README_VAL_TOKENS = 12_793_422, 7_680, 5_309_690
+# them (what bpb counts)", in 7,680 documents; 5,309,690 sp1024 tokens or 3,606,796 sp8192 tokens.
+README_VAL_BYTES, README_VAL_DOCS = 12_793_422, 7_680
+README_VAL_TOKENS = {1024: 5_309_690, 8192: 3_606_796}
 
 if not SHARED_DATA.is_dir():
     pytest.skip(f"stand-in data folder {SHARED_DATA} is missing; these bpb checks need it",
                 allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    for path in (VAL_XZ, TOKENIZER):
+@pytest.fixture(scope="module", params=[1024, 8192], ids=["sp1024", "sp8192"])
+def real(request, tmp_path_factory):
+    vocab = request.param
+    val_xz = SHARED_DATA / f"blogwiki_sp{vocab}" / "fineweb_val_000000.bin.xz"
+    tokenizer = SHARED_DATA / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+    for path in (val_xz, tokenizer):
         if not path.is_file():
             pytest.skip(f"{path} is missing")
-    shard = tmp_path_factory.mktemp("real") / "fineweb_val_000000.bin"
-    with lzma.open(VAL_XZ) as src, open(shard, "wb") as dst:
+    shard = tmp_path_factory.mktemp(f"real{vocab}") / "fineweb_val_000000.bin"
+    with lzma.open(val_xz) as src, open(shard, "wb") as dst:
         shutil.copyfileobj(src, dst, length=1 << 22)
-    sp = tg.load_tokenizer(str(TOKENIZER), 1024)
+    sp = tg.load_tokenizer(str(tokenizer), vocab)
     return np.asarray(tg.open_shard(str(shard))), sp
 
 
 def test_real_shard_layout(real):
-    tokens, _ = real
-    assert tokens.size == README_VAL_TOKENS
+    tokens, sp = real
+    assert tokens.size == README_VAL_TOKENS[sp.vocab_size()]
     assert tokens[0] == BOS and int((tokens == BOS).sum()) == README_VAL_DOCS
-    tg.check_token_ids(tokens, 1024, "val")
+    tg.check_token_ids(tokens, sp.vocab_size(), "val")
 
 
 def test_real_documents_bytes_match_decoded_text(real):
