@@ -9,16 +9,21 @@ import argparse
 import glob
 import os
 import shutil
+import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train_gpt as tg  # noqa: E402  (the shard format is defined there)
+
 
 def cut(src: str, dest: str, n: int) -> None:
-    tokens = np.fromfile(src, dtype="<u2", offset=1024)[:n]
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (20240520, 1, tokens.size)
+    """Write the first n tokens of shard src (header checked by tg.open_shard) as a shard at dest."""
+    tokens = np.asarray(tg.open_shard(src)[:n])
+    header = np.zeros(tg.SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, tokens.size)
     with open(dest, "wb") as f:
-        f.write(header.tobytes() + tokens.tobytes())
+        f.write(header.tobytes() + tokens.astype("<u2").tobytes())
     print(f"{dest}: {tokens.size} tokens")
 
 
