@@ -940,27 +940,28 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
 # ----------------------------------------------------------------------------------------------
 
 QUANT_MIN_NUMEL = 65_536  # float tensors up to this size are stored as fp16 (2-D) or fp32 (1-D)
-INT6_MAX, INT7_MAX = 31, 63  # block matrices int6 (GPTQ), embeddings int7 (round-to-nearest)
+INT6_MAX, INT7_MAX = 31, 63  # block matrices int6, embeddings int7 (GPTQ wherever a Hessian exists)
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 ARTIFACT_MAGIC = b"PGOLF-INT-2\n"
 
 
 def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime) -> dict[str, torch.Tensor]:
-    """GPTQ Hessians H = E[x x^T] of the inputs of every block linear layer, on training batches.
+    """GPTQ Hessians H = E[x x^T] on training batches, of the inputs of every block linear layer and of
+    the tied output head (the final RMS-normed hidden state, for tok_emb.weight as the head's weight).
 
     Returns {weight name: (in_features, in_features) fp32}, averaged over tokens and ranks.
     """
     sums: dict[str, torch.Tensor] = {}
-    hooks = []
+
+    def accumulate(key: str, x: torch.Tensor) -> None:
+        x = x.detach().flatten(0, -2).float()
+        sums[key] = sums.get(key, 0) + x.T @ x
+
+    hooks = [model.blocks[-1].register_forward_hook(lambda _m, _i, out: accumulate("tok_emb.weight", rms_norm(out)))]
     for name, module in model.blocks.named_modules():
         if isinstance(module, nn.Linear):
-            key = f"blocks.{name}.weight"
-
-            def hook(_mod, inputs, _out, key=key):
-                x = inputs[0].detach().flatten(0, -2).float()
-                sums[key] = sums.get(key, 0) + x.T @ x
-
-            hooks.append(module.register_forward_hook(hook))
+            hooks.append(module.register_forward_hook(
+                lambda _m, inputs, _o, key=f"blocks.{name}.weight": accumulate(key, inputs[0])))
     try:
         with torch.inference_mode(), autocast(rt.device), sdpa_preference(rt.device):
             for _ in range(batches):

@@ -47,17 +47,19 @@ def quantize(state, hessians, config, max_bytes):
 
 
 def test_collect_hessians(model_and_hessians):
-    """One symmetric PSD (in, in) matrix per block linear layer; q/k/v share their input; the attention
-    and MLP inputs are RMS-normed times 1/sqrt(layer+1), so their Hessian trace is dim/(layer+1)."""
+    """One symmetric PSD (in, in) matrix per block linear layer and one for the tied head; q/k/v share
+    their input; the attention and MLP inputs are RMS-normed times 1/sqrt(layer+1), so their Hessian
+    trace is dim/(layer+1); the head's input is RMS-normed, so its trace is dim."""
     model, hessians = model_and_hessians
     linear = {f"blocks.{n}.weight": m for n, m in model.blocks.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(hessians) == set(linear) and len(hessians) == 12
+    assert set(hessians) == set(linear) | {"tok_emb.weight"} and len(hessians) == 13
+    dim = tiny_config()["model_dim"]
     for name, h in hessians.items():
-        n_in = linear[name].in_features
+        n_in = linear[name].in_features if name in linear else dim
         assert h.shape == (n_in, n_in) and h.dtype == torch.float32
         torch.testing.assert_close(h, h.T)
         assert float(torch.linalg.eigvalsh(h.double()).min()) > -1e-6
-    dim = tiny_config()["model_dim"]
+    assert float(hessians["tok_emb.weight"].trace()) == pytest.approx(dim, rel=1e-4)
     for layer in (0, 1):
         prefix = f"blocks.{layer}."
         assert torch.equal(hessians[prefix + "attn.c_q.weight"], hessians[prefix + "attn.c_k.weight"])
@@ -194,7 +196,7 @@ def test_quantize_pack_unpack_dequantize(model_and_hessians, tmp_path):
             assert e["scale"].dtype == torch.float16 and e["scale"].shape == (w.shape[0],)
             rel = float((deq[name] - w).norm() / w.norm())
             assert rel < 0.1, (name, rel)
-        if e["kind"] == "int7":  # plain round-to-nearest: per-element bound where not clipped
+        if e["kind"] in ("int6", "int7") and name not in hessians:  # plain round-to-nearest: per-element bound where not clipped
             s = e["scale"].float()[:, None].expand_as(w)
             inside = w.abs() <= qmax * s
             assert bool(((deq[name] - w).abs()[inside] <= s[inside] / 2 * (1 + 1e-5)).all())
@@ -202,6 +204,19 @@ def test_quantize_pack_unpack_dequantize(model_and_hessians, tmp_path):
             assert torch.equal(deq[name], w.half().float())
         if e["kind"] == "fp32":
             assert torch.equal(deq[name], w)
+
+
+def test_tied_head_gets_gptq(model_and_hessians):
+    """The tied embedding is quantized by GPTQ with the head's Hessian: int7 codes whose head-logit error
+    trace(dW H dW^T) is below round-to-nearest's at the same scales."""
+    model, hessians = model_and_hessians
+    state = model.state_dict()
+    entries, _ = quantize(state, hessians, tiny_config(), 10**9)
+    e, w = entries["tok_emb.weight"], state["tok_emb.weight"].float()[None]
+    assert e["kind"] == "int7"
+    scale, h = e["scale"].float()[None], hessians["tok_emb.weight"][None]
+    rtn = tg.quantize_rows(w, scale, tg.INT7_MAX)
+    assert hessian_error(w, e["q"][None], scale, h) < hessian_error(w, rtn, scale, h)
 
 
 def test_quantize_to_fit_tight_budget(model_and_hessians):
