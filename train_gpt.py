@@ -103,6 +103,7 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_wd: float = 0.04
+    muon_row_normalize: bool = False  # MuonEq-R: each row of the update scaled to unit norm before NS
     adam_wd: float = 0.04
     beta1: float = 0.9
     beta2: float = 0.95
@@ -740,12 +741,15 @@ class Muon(torch.optim.Optimizer):
     For each 2-D parameter: buf = momentum*buf + grad; update = NS5(grad + momentum*buf) (Nesterov),
     scaled by sqrt(max(1, rows/cols)); p -= lr*wd*p + lr*update. Parameters of equal shape are
     orthogonalised together in one batched call. With several ranks, rank r computes the updates
-    of every world_size-th parameter of each shape and one all-reduce shares them.
+    of every world_size-th parameter of each shape and one all-reduce shares them. With
+    row_normalize (MuonEq-R, as in records R7/R8) each row of the Nesterov update is first scaled to
+    unit L2 norm, so no output feature dominates the orthogonalisation.
     """
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, rt: Runtime):
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, rt: Runtime,
+                 row_normalize: bool = False):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.rt = rt
+        self.rt, self.row_normalize = rt, row_normalize
         self.orthogonalize = maybe_compile(newton_schulz5, rt.device)
 
     @torch.no_grad()
@@ -767,6 +771,8 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, grads)
                 nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=momentum))
+                if self.row_normalize:
+                    nesterov = nesterov / nesterov.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                 update = self.orthogonalize(nesterov) * max(1.0, shape[0] / shape[1]) ** 0.5
                 for j, i in enumerate(mine):
                     flat[offsets[i] : offsets[i + 1]] = update[j].flatten()
@@ -788,7 +794,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
          dict(params=scalars, lr=args.scalar_lr, weight_decay=0.0)],
         betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused,
     )
-    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_wd, rt)
+    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_wd, rt, args.muon_row_normalize)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
