@@ -59,14 +59,14 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 class Hyperparameters:
     """Every knob of the run. Field `foo_bar` is overridden by environment variable `FOO_BAR`.
 
-    Defaults are the contest configuration: 8 GPUs x 600 s, 786,432 tokens per step, sp8192.
+    Defaults are the contest configuration: 8 GPUs x 600 s, 786,432 tokens per step, sp1024.
     Booleans accept 1/0/true/false. Raises ValueError for unparsable or inconsistent values.
     """
 
     # data, tokenizer, outputs
-    data_path: str = "./data/datasets/fineweb10B_sp8192"
-    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"
-    vocab_size: int = 8192
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
     seed: int = 1337
     artifact: str = "final_model.int6.ptz"  # written after training; read back for every score
     log_path: str = ""  # "" -> train_log.txt (eval_log.txt with EVAL_ONLY)
@@ -81,7 +81,7 @@ class Hyperparameters:
     mlp_mult: float = 3.0
     rope_dims: int = 16  # partial RoPE: rotary on the first 16 of 64 head dims
     rope_base: float = 10000.0
-    qk_gain_init: float = 1.5
+    qk_gain_init: float = 5.0  # R6-R8
     xsa_last_n: int = 11  # exclusive self-attention on the last N layers
     bigram_buckets: int = 3072
     bigram_dim: int = 112
@@ -94,22 +94,22 @@ class Hyperparameters:
     grad_accum_steps: int = 0  # 0: ceil(train_batch_tokens / (world_size * micro_batch_tokens))
     iterations: int = 20_000  # step cap; the wall clock normally stops training first
     max_wallclock_seconds: float = 600.0  # training budget, GPTQ calibration included
-    warmdown_frac: float = 0.6  # final fraction of the budget over which the LR decays to 0
+    warmdown_frac: float = 0.75  # final fraction of the budget over which the LR decays to 0
     warmup_steps: int = 20  # compile-priming steps on random tokens; state is reset after them
-    matrix_lr: float = 0.025  # Muon
+    matrix_lr: float = 0.022  # Muon (R7)
     embed_lr: float = 0.035  # Adam: tied embedding, bigram table
     scalar_lr: float = 0.025  # Adam: gains, mixes, skip weights
-    muon_momentum: float = 0.99
+    muon_momentum: float = 0.97
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
-    muon_wd: float = 0.04
-    muon_row_normalize: bool = False  # MuonEq-R: each row of the update scaled to unit norm before NS
+    muon_wd: float = 0.095
+    muon_row_normalize: bool = True  # MuonEq-R: each row of the update scaled to unit norm before NS
     adam_wd: float = 0.04
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3  # 0 disables
-    ema_decay: float = 0.997
+    ema_decay: float = 0.9965
     log_every: int = 200
     # quantization
     gptq_calib_batches: int = 16  # per-GPU training micro-batches for GPTQ Hessians (0: no GPTQ)

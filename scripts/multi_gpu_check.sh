@@ -11,7 +11,7 @@ DATA=$1; OUT=$2; shift 2
 GPUS=${*:-1 2 4}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-VOCAB=${VOCAB:-8192}  # the tokenizer DATA_DIR was made with (DATA_DIR/fineweb_${VOCAB}_bpe.model)
+VOCAB=${VOCAB:-1024}  # the tokenizer DATA_DIR was made with (DATA_DIR/fineweb_${VOCAB}_bpe.model)
 export DATA_PATH=$DATA TOKENIZER_PATH=$DATA/fineweb_${VOCAB}_bpe.model VOCAB_SIZE=$VOCAB
 export TRAIN_BATCH_TOKENS=393216 ITERATIONS=50 LOG_EVERY=1
 for n in $GPUS; do
