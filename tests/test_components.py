@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import BOS, tg, tiny_model
+from conftest import BOS, runtime, tg, tiny_model
 
 
 @pytest.mark.parametrize("progress, frac, expected", [
@@ -52,6 +52,32 @@ def test_newton_schulz_orthogonalises(shape):
     s = torch.linalg.svdvals(x)
     assert float(s.min()) > 0.4 and float(s.max()) < 1.6
     assert float((x * g).sum()) > 0
+
+
+@pytest.mark.parametrize("row_normalize", [False, True])
+def test_muon_row_normalize_equilibrates_rows(row_normalize):
+    """MuonEq-R: with row_normalize the step ignores how large each gradient row is (scaling rows by
+    positive factors leaves it unchanged) and equals NS5 of the row-normalised Nesterov update;
+    plain Muon lets a large row dominate."""
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(16, 32, generator=gen)
+    row_scale = torch.logspace(-2, 2, 16)[:, None]
+
+    def step(g):
+        p = torch.nn.Parameter(torch.zeros(16, 32))
+        opt = tg.Muon([p], lr=0.1, momentum=0.5, weight_decay=0.0, rt=runtime(), row_normalize=row_normalize)
+        p.grad = g.clone()
+        opt.step()
+        return p.detach()
+
+    plain, scaled = step(grad), step(grad * row_scale)
+    if row_normalize:
+        torch.testing.assert_close(plain, scaled, atol=2e-3, rtol=0)
+        nesterov = 1.5 * grad
+        expected = -0.1 * tg.newton_schulz5(nesterov / nesterov.norm(dim=-1, keepdim=True)).float()
+        torch.testing.assert_close(plain, expected, atol=1e-3, rtol=0)
+    else:
+        assert (plain - scaled).abs().max() > 10 * 2e-3  # ten times the tolerance above
 
 
 def test_rotary_is_relative_and_partial():
