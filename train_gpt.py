@@ -83,6 +83,10 @@ class Hyperparameters:
     rope_base: float = 10000.0
     qk_gain_init: float = 5.0  # R6-R8
     xsa_last_n: int = 11  # exclusive self-attention on the last N layers
+    num_loops: int = 0  # depth recurrence: extra passes through blocks LOOP_START..LOOP_END (0: none)
+    loop_start: int = 3
+    loop_end: int = 5
+    loop_from: float = 0.35  # fraction of the training budget after which the extra passes run
     bigram_buckets: int = 3072
     bigram_dim: int = 112
     logit_softcap: float = 30.0
@@ -154,6 +158,10 @@ class Hyperparameters:
             (0 < self.rope_dims <= self.model_dim // self.num_heads and self.rope_dims % 2 == 0,
              "ROPE_DIMS must be even and at most the head dim"),
             (0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N must be between 0 and NUM_LAYERS"),
+            (self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < self.num_layers - 1,
+             "with NUM_LOOPS > 0, 0 <= LOOP_START <= LOOP_END < NUM_LAYERS - 1 (the last block runs once)"),
+            (self.num_loops >= 0, "NUM_LOOPS must be >= 0"),
+            (0.0 <= self.loop_from <= 1.0, "LOOP_FROM must be in [0, 1]"),
             (self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be at least 2"),
             (self.train_seq_len % self.eval_stride == 0, "TRAIN_SEQ_LEN must be a multiple of EVAL_STRIDE"),
             (self.ttt_chunk_tokens % self.train_seq_len == 0,
@@ -643,21 +651,31 @@ class SmearGate(nn.Module):
         return x + keep.unsqueeze(-1).to(x.dtype) * torch.sigmoid(self.gate).to(x.dtype) * (prev - x)
 
 
+def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int) -> list[int]:
+    """Block indices in the order they run: blocks loop_start..loop_end repeat 1 + num_loops times
+    (depth recurrence, R6-R8: e.g. 11 blocks with 3..5 looped twice run as 17 virtual layers)."""
+    looped = list(range(loop_start, loop_end + 1)) * (1 + num_loops)
+    return list(range(loop_start)) + looped + list(range(loop_end + 1, num_layers))
+
+
 class GPT(nn.Module):
     """Decoder-only transformer with U-Net skips, tied embeddings and a tanh logit softcap.
 
-    The first num_layers//2 blocks (encoder) push their outputs; each later block first adds
-    skip_weights[i] * (mirrored encoder output). Shapes: input_ids (B, T) int64 -> logits (B, T, V),
-    or with targets (B, T): mean NLL (reduction="mean") or per-token NLL (B, T) ("none"), in nats.
+    Blocks run in `layer_order` (with the extra passes of depth recurrence while `looping` is on,
+    which it is from construction whenever num_loops > 0). The first half of that sequence
+    (encoder) pushes its outputs; each later step first adds skip_weights[j] * (mirrored encoder
+    output). Shapes: input_ids (B, T) int64 -> logits (B, T, V), or with targets (B, T): mean NLL
+    (reduction="mean") or per-token NLL (B, T) ("none"), in nats.
     """
 
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: float, rope_dims: int, rope_base: float, qk_gain_init: float, xsa_last_n: int,
                  bigram_buckets: int, bigram_dim: int, logit_softcap: float, tied_embed_init_std: float,
-                 max_seq_len: int, bos_id: int):
+                 max_seq_len: int, bos_id: int, num_loops: int = 0, loop_start: int = 0, loop_end: int = 0):
         super().__init__()
         self.logit_softcap = logit_softcap
-        self.num_encoder = num_layers // 2
+        self.orders = {False: list(range(num_layers)), True: layer_order(num_layers, num_loops, loop_start, loop_end)}
+        self.looping = num_loops > 0
         rotary = Rotary(rope_dims, rope_base, max_seq_len)
         self.tok_emb = Embedding(vocab_size, model_dim)
         self.bigram = BigramHash(bigram_buckets, bigram_dim, model_dim, bos_id)
@@ -667,7 +685,8 @@ class GPT(nn.Module):
                   i >= num_layers - xsa_last_n, i)
             for i in range(num_layers)
         )
-        self.skip_weights = nn.Parameter(torch.ones(num_layers - self.num_encoder, model_dim))
+        decoder_steps = max(len(order) - len(order) // 2 for order in self.orders.values())
+        self.skip_weights = nn.Parameter(torch.ones(decoder_steps, model_dim))
         self._init_weights(tied_embed_init_std)
 
     def _init_weights(self, embed_std: float) -> None:
@@ -683,12 +702,13 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         x = rms_norm(self.tok_emb(input_ids) + self.bigram(input_ids))
         x = x0 = self.smear(x, input_ids)
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0)
-            if i < self.num_encoder:
+        skips, order = [], self.orders[self.looping]
+        num_encoder = len(order) // 2
+        for j, i in enumerate(order):
+            if j >= num_encoder and skips:
+                x = x + self.skip_weights[j - num_encoder].to(x.dtype) * skips.pop()
+            x = self.blocks[i](x, x0)
+            if j < num_encoder:
                 skips.append(x)
         logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype))
         logits = self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
@@ -700,7 +720,7 @@ class GPT(nn.Module):
 
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "qk_gain_init", "xsa_last_n", "bigram_buckets", "bigram_dim", "logit_softcap",
-                "tied_embed_init_std")
+                "tied_embed_init_std", "num_loops", "loop_start", "loop_end")
 
 
 def model_config(args: Hyperparameters, bos_id: int) -> dict:
@@ -708,15 +728,18 @@ def model_config(args: Hyperparameters, bos_id: int) -> dict:
     return {**{k: getattr(args, k) for k in MODEL_FIELDS}, "max_seq_len": args.train_seq_len, "bos_id": bos_id}
 
 
-def linear_weights(model: GPT) -> list[nn.Parameter]:
+def linear_weights(model: nn.Module) -> list[nn.Parameter]:
     """The matrices of every linear layer: attention/MLP projections and the bigram projection."""
     return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def matmul_flops_per_token(model: GPT, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (linear weights + tied head) + 6 x layers x seq_len x dim (causal attention)."""
-    matrix = sum(p.numel() for p in linear_weights(model)) + model.tok_emb.weight.numel()
-    return 6.0 * matrix + 6.0 * len(model.blocks) * seq_len * model.tok_emb.weight.size(1)
+def matmul_flops_per_token(model: GPT, seq_len: int, looping: bool) -> float:
+    """Training FLOPs per token: 6 x (linear weights, each block's once per pass, + tied head)
+    + 6 x passes x seq_len x dim (causal attention), with or without the extra passes."""
+    order = model.orders[looping]
+    block = [sum(p.numel() for p in linear_weights(b)) for b in model.blocks]
+    matrix = sum(block[i] for i in order) + model.bigram.proj.weight.numel() + model.tok_emb.weight.numel()
+    return 6.0 * matrix + 6.0 * len(order) * seq_len * model.tok_emb.weight.size(1)
 
 
 def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -889,25 +912,31 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
     Before the clock starts, WARMUP_STEPS full steps on random tokens prime torch.compile; the model
     and optimizers are then reset to their initial state. The LR warm-down follows the fraction of
     the budget used; the stop decision is the max over ranks, so every rank stops at the same step.
+    With NUM_LOOPS > 0 the extra passes of depth recurrence start once LOOP_FROM of the budget is
+    used (the same step on every rank; warm-up compiles the graphs with and without them).
     """
     net = wrap_for_training(model, rt)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     warm_opts = build_optimizers(model, args, rt)
     seqs = loader.seqs_per_rank
-    for _ in range(args.warmup_steps):
+    delayed_loops = args.num_loops > 0 and args.loop_from > 0
+    for step in range(args.warmup_steps):
+        model.looping = args.num_loops > 0 and not (delayed_loops and step % 2 == 0)  # compile both graphs
         rand = torch.randint(0, args.vocab_size, (accum, seqs, args.train_seq_len + 1), device=rt.device)
         train_step(net, model, warm_opts, [(r[:, :-1], r[:, 1:]) for r in rand], args.grad_clip_norm, rt)
     synchronize(rt.device)
     model.load_state_dict(initial_state)
+    model.looping = args.num_loops > 0 and not delayed_loops
     del warm_opts, initial_state
     optimizers = build_optimizers(model, args, rt)
     ema = EMA(model, args.ema_decay)
     log(f"train_start warmup_steps {args.warmup_steps} (random tokens, state reset) budget {budget_seconds:.1f}s "
         f"grad_accum {accum} seqs_per_micro_batch {seqs}")
 
-    flops_per_step = matmul_flops_per_token(model, args.train_seq_len) * args.train_batch_tokens
+    step_flops = {flag: matmul_flops_per_token(model, args.train_seq_len, flag) * args.train_batch_tokens
+                  for flag in (False, True)}
     t0 = time.perf_counter()
-    n, loss, elapsed = 0, torch.zeros(()), 0.0
+    n, loss, elapsed, flops = 0, torch.zeros(()), 0.0, 0.0
     while n < args.iterations:
         progress = max(elapsed / budget_seconds, n / args.iterations)
         scale = lr_scale(progress, args.warmdown_frac)
@@ -919,23 +948,29 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
                     group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
         loss = train_step(net, model, optimizers, [loader.next_batch() for _ in range(accum)], args.grad_clip_norm, rt)
         ema.update()
+        flops += step_flops[model.looping]
         n += 1
         if n % args.log_every == 0:
             synchronize(rt.device)
         elapsed = time.perf_counter() - t0
-        stop = elapsed >= budget_seconds
-        if rt.distributed:  # every rank stops at the same step
-            stop = all_reduce(torch.tensor(float(stop), device=rt.device), rt, dist.ReduceOp.MAX).item() > 0
+        stop, loop_due = elapsed >= budget_seconds, max(elapsed / budget_seconds, n / args.iterations) >= args.loop_from
+        if rt.distributed:  # every rank stops (and starts the extra passes) at the same step
+            flags = all_reduce(torch.tensor([float(stop), float(loop_due)], device=rt.device), rt, dist.ReduceOp.MAX)
+            stop, loop_due = bool(flags[0] > 0), bool(flags[1] > 0)
         if stop:
             break
+        if args.num_loops > 0 and not model.looping and loop_due:
+            model.looping = True
+            log(f"depth_recurrence on at step {n} passes {len(model.orders[True])} (from {len(model.orders[False])})")
         if n % args.log_every == 0:
             log(f"step {n} train_loss {global_mean(loss, rt):.4f} lr_scale {scale:.3f} train_time {elapsed:.1f}s "
-                f"step_avg {1000 * elapsed / n:.1f}ms tflops_per_gpu {flops_per_step * n / elapsed / rt.world_size / 1e12:.0f}")
+                f"step_avg {1000 * elapsed / n:.1f}ms tflops_per_gpu {flops / elapsed / rt.world_size / 1e12:.0f}")
     synchronize(rt.device)
     elapsed = time.perf_counter() - t0
+    model.looping = args.num_loops > 0  # the exported model always runs its extra passes
     result = TrainResult(n, elapsed, 1000 * elapsed / max(n, 1), global_mean(loss, rt))
     log(f"train_end steps {n} train_loss {result.last_loss:.4f} loop_time {elapsed:.1f}s step_avg {result.step_ms:.1f}ms "
-        f"tflops_per_gpu {flops_per_step * n / elapsed / rt.world_size / 1e12:.0f}")
+        f"tflops_per_gpu {flops / elapsed / rt.world_size / 1e12:.0f}")
     return result, ema
 
 

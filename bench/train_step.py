@@ -66,7 +66,7 @@ def main() -> None:
     full = timed(step, a.steps)
     fwd_bwd = timed(forward_backward, a.steps)
     opt_ms = timed(optimizers_only, a.steps)
-    flops = tg.matmul_flops_per_token(model, args.train_seq_len) * seqs * args.train_seq_len
+    flops = tg.matmul_flops_per_token(model, args.train_seq_len, model.looping) * seqs * args.train_seq_len
     print(f"tokens/step {seqs * args.train_seq_len}  params {sum(p.numel() for p in model.parameters())}")
     print(f"full step {full:.2f} ms ({flops / full / 1e9:.0f} TFLOP/s)  forward+backward {fwd_bwd:.2f} ms  "
           f"optimizers {opt_ms:.2f} ms")

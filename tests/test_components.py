@@ -127,12 +127,37 @@ def test_model_config_round_trip():
     assert [b.attn.xsa for b in model.blocks] == [False, True]
 
 
+def test_layer_order():
+    """Depth recurrence: the looped segment repeats 1 + num_loops times in place (R6-R8's 17 passes)."""
+    assert tg.layer_order(11, 0, 3, 5) == list(range(11))
+    assert tg.layer_order(11, 2, 3, 5) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert tg.layer_order(4, 1, 0, 0) == [0, 0, 1, 2, 3]
+
+
+@torch.no_grad()
+def test_depth_recurrence_model():
+    """A looped model runs its extra passes from construction (the exported model always does), can
+    switch them off (early training), sizes the U-Net skips for the longer order, and counts the
+    extra passes in its FLOPs; the extra passes change the output."""
+    model = tiny_model(seed=0, num_layers=4, xsa_last_n=0, num_loops=1, loop_start=1, loop_end=2)
+    assert model.looping and model.orders[True] == [0, 1, 2, 1, 2, 3] and model.orders[False] == [0, 1, 2, 3]
+    assert model.skip_weights.shape == (3, 64)  # 6 passes: 3 encoder, 3 decoder
+    x = torch.randint(3, 320, (1, 16))
+    looped = model(x)
+    model.looping = False
+    plain = model(x)
+    assert not torch.allclose(looped, plain, atol=1e-4)
+    block = sum(p.numel() for p in tg.linear_weights(model.blocks[1]))
+    extra = tg.matmul_flops_per_token(model, 64, True) - tg.matmul_flops_per_token(model, 64, False)
+    assert extra == 6.0 * 2 * block + 6.0 * 2 * 64 * 64
+
+
 def test_gpt_skip_connections_and_flops():
     """U-Net: the first num_layers//2 blocks feed the mirrored later blocks; FLOPs count 6 x matrices."""
     model = tiny_model(seed=0, num_layers=5, xsa_last_n=0)
-    assert model.num_encoder == 2 and model.skip_weights.shape == (3, 64)
+    assert model.orders[model.looping] == [0, 1, 2, 3, 4] and model.skip_weights.shape == (3, 64)
     matrices = sum(p.numel() for p in tg.linear_weights(model)) + model.tok_emb.weight.numel()
-    assert tg.matmul_flops_per_token(model, 64) == 6.0 * matrices + 6.0 * 5 * 64 * 64
+    assert tg.matmul_flops_per_token(model, 64, False) == 6.0 * matrices + 6.0 * 5 * 64 * 64
     # the Linear weights are those of the 5 blocks (6 each) plus the bigram projection
     assert len(tg.linear_weights(model)) == 5 * 6 + 1
     with torch.no_grad():

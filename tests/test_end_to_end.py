@@ -155,3 +155,23 @@ def test_eval_only_reproduces(training_run, eval_only_run):
         assert log_line(eval_lines, prefix).split(" eval_time")[0] == log_line(train_lines, prefix).split(" eval_time")[0]
     assert not any(line.startswith("final pre_quant") for line in eval_lines)
     np.testing.assert_array_equal(np.load(cwd / "scores2.npy"), np.load(cwd / "scores.npy"))
+
+
+def test_depth_recurrence_end_to_end(tmp_path, tokenizer, data_dir):
+    """With NUM_LOOPS and LOOP_FROM=0.5 the run switches the extra passes on halfway (after warm-up
+    compiled both graphs), and the artifact's model runs them: EVAL_ONLY of it reproduces the score."""
+    env = script_env(**TINY_ENV, **tiny_model_env(tokenizer.vocab_size, mlp_mult=16.5), DATA_PATH=str(data_dir),
+                     TOKENIZER_PATH=str(tokenizer.path))
+    env.update(NUM_LAYERS="3", XSA_LAST_N="1", NUM_LOOPS="1", LOOP_START="0", LOOP_END="1", LOOP_FROM="0.5",
+               TTT_ENABLED="0")
+    run_script(tmp_path, env)
+    lines = (tmp_path / "train_log.txt").read_text().splitlines()
+    assert number(log_line(lines, "depth_recurrence on at step"), "step") == 10  # of ITERATIONS=20
+    config, _ = tg.unpack_artifact((tmp_path / "final_model.int6.ptz").read_bytes())
+    assert (config["num_loops"], config["loop_start"], config["loop_end"]) == (1, 0, 1)
+    model, _ = tg.load_artifact_model(str(tmp_path / "final_model.int6.ptz"), torch.device("cpu"))
+    assert model.looping and model.orders[True] == [0, 1, 0, 1, 2]
+    run_script(tmp_path, {**env, "EVAL_ONLY": "1", "ARTIFACT": str(tmp_path / "final_model.int6.ptz")})
+    final = number(log_line(lines, "final val_loss"), "val_bpb")
+    eval_lines = (tmp_path / "eval_log.txt").read_text().splitlines()
+    assert number(log_line(eval_lines, "final val_loss"), "val_bpb") == final

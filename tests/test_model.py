@@ -19,11 +19,12 @@ def random_ids(batch: int, seq: int, seed: int, low: int = 3) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("xsa_last_n", [0, 1, 2])
+@pytest.mark.parametrize("xsa_last_n, num_loops", [(0, 0), (1, 0), (2, 0), (2, 2)])
 @torch.no_grad()
-def test_gpt_is_causal(xsa_last_n):
-    """Changing tokens after position t leaves the logits at positions <= t unchanged."""
-    model = tiny_model(seed=3, xsa_last_n=xsa_last_n)
+def test_gpt_is_causal(xsa_last_n, num_loops):
+    """Changing tokens after position t leaves the logits at positions <= t unchanged (also with block 0
+    run three times by depth recurrence)."""
+    model = tiny_model(seed=3, xsa_last_n=xsa_last_n, num_loops=num_loops)
     seq = 48
     for trial in range(4):
         x = random_ids(2, seq, seed=100 + trial)
