@@ -980,6 +980,7 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
 
 QUANT_MIN_NUMEL = 65_536  # float tensors up to this size are stored as fp16 (2-D) or fp32 (1-D)
 INT6_MAX, INT7_MAX = 31, 63  # block matrices int6, embeddings int7 (GPTQ wherever a Hessian exists)
+INT_KINDS = {INT6_MAX: "int6", INT7_MAX: "int7"}  # artifact entry kind of each code range
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 ARTIFACT_MAGIC = b"PGOLF-INT-2\n"
 
@@ -1130,7 +1131,7 @@ def quantize_groups(groups: list[MatrixGroup], alpha: float, use_gptq: bool) -> 
         else:
             q = quantize_rows(g.w, scale, g.qmax)
         for i, n in enumerate(g.names):
-            entries[n] = {"kind": "int6" if g.qmax == INT6_MAX else "int7", "q": q[i], "scale": scale[i].half()}
+            entries[n] = {"kind": INT_KINDS[g.qmax], "q": q[i], "scale": scale[i].half()}
     return entries
 
 
@@ -1169,7 +1170,7 @@ def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
     """Inverse of the quantizers (up to rounding): fp32 tensors."""
     out = {}
     for name, e in entries.items():
-        if e["kind"] in ("int6", "int7"):
+        if e["kind"] in INT_KINDS.values():
             out[name] = e["q"].float() * e["scale"].float()[:, None]
         else:
             out[name] = e["data"].float()
@@ -1179,13 +1180,14 @@ def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
 def serialize_artifact(config: dict, entries: dict[str, dict]) -> bytes:
     """Uncompressed artifact: magic, raw arrays, JSON header, 8-byte header length.
 
-    Arrays are grouped by kind (int6 codes, int8 codes, scales, fp16, fp32) so similar bytes sit
+    Arrays are grouped by kind (int6 codes, int7 codes, their scales, fp16, fp32) so similar bytes sit
     together for the compressor; the header goes last because text ahead of the codes made zstd-22
     compress them up to 6% worse. No pickle: the artifact holds only numbers and this header.
     """
     header = {"config": config, "tensors": []}
     parts, offset = [], 0
-    groups = [("int6", "q"), ("int7", "q"), ("int6", "scale"), ("int7", "scale"), ("fp16", "data"), ("fp32", "data")]
+    groups = [(k, "q") for k in INT_KINDS.values()] + [(k, "scale") for k in INT_KINDS.values()] + \
+        [("fp16", "data"), ("fp32", "data")]
     for kind, field in groups:
         for name, e in entries.items():
             if e["kind"] != kind:
