@@ -42,11 +42,6 @@ import torch.nn.functional as F
 import zstandard
 from torch.nn.parallel import DistributedDataParallel
 
-try:  # FlashAttention-3 (Hopper); optional, PyTorch SDPA otherwise.
-    from flash_attn_interface import flash_attn_func as _fa3_attention
-except ImportError:
-    _fa3_attention = None
-
 SUBMISSION_NAME = "GQA U-Net + BigramHash + SmearGate, Muon/EMA, GPTQ int6 + zstd, score-first TTT"
 ARTIFACT_LIMIT_BYTES = 16_000_000
 
@@ -279,8 +274,7 @@ def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runt
     if rt.device.type == "cuda":
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         log(f"gpus {len(names)}: {', '.join(names)}")
-    backend = "sdpa (math, CPU)" if rt.device.type != "cuda" else \
-        "flash-attn-3" if _fa3_attention is not None else "sdpa (cuDNN preferred)"
+    backend = "sdpa (cuDNN preferred)" if rt.device.type == "cuda" else "sdpa (math, CPU)"
     log(f"world_size {rt.world_size} device {rt.device} attention {backend}")
     log("env_overrides " + (" ".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "(none)"))
     log("hyperparameters " + json.dumps(asdict(args), sort_keys=True))
@@ -453,13 +447,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention. q: (B, T, H, D); k, v: (B, T, Hkv, D) with H % Hkv == 0 -> (B, T, H, D).
-
-    FlashAttention-3 when importable on GPU, else SDPA (cuDNN kernel preferred on GPU, math on CPU).
-    """
-    if _fa3_attention is not None and q.is_cuda:
-        out = _fa3_attention(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
+    """Causal GQA attention by SDPA. q: (B, T, H, D); k, v: (B, T, Hkv, D), H % Hkv == 0 -> (B, T, H, D)."""
     y = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
     )
@@ -468,7 +456,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def sdpa_preference(device: torch.device):
     """Context preferring cuDNN, then flash SDPA kernels on GPU (cuDNN measured fastest on H100/H200)."""
-    if device.type != "cuda" or _fa3_attention is not None:
+    if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
