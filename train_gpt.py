@@ -12,8 +12,7 @@ The file reads top to bottom in pipeline order:
   4. bpb accounting           9. main: train -> artifact -> reload -> eval -> submission.json
   5. model and optimizers
 
-README.md describes each technique and where it comes from.
-"""
+README.md describes each technique and where it comes from."""
 from __future__ import annotations
 
 import contextlib
@@ -40,6 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import zstandard
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 SUBMISSION_NAME = "GQA U-Net + BigramHash + SmearGate, Muon/EMA, GPTQ int6 + zstd, score-first TTT"
@@ -55,8 +55,7 @@ class Hyperparameters:
     """Every knob of the run. Field `foo_bar` is overridden by environment variable `FOO_BAR`.
 
     Defaults are the contest configuration: 8 GPUs x 600 s, 786,432 tokens per step, sp1024.
-    Booleans accept 1/0/true/false. Raises ValueError for unparsable or inconsistent values.
-    """
+    Booleans accept 1/0/true/false. Raises ValueError for unparsable or inconsistent values."""
 
     # data, tokenizer, outputs
     data_path: str = "./data/datasets/fineweb10B_sp1024"
@@ -78,7 +77,7 @@ class Hyperparameters:
     rope_base: float = 10000.0
     qk_gain_init: float = 5.0  # R6-R8
     xsa_last_n: int = 11  # exclusive self-attention on the last N layers
-    num_loops: int = 0  # depth recurrence: extra passes through blocks LOOP_START..LOOP_END (0: none)
+    num_loops: int = 1  # depth recurrence: extra passes through blocks LOOP_START..LOOP_END (0: none)
     loop_start: int = 3
     loop_end: int = 5
     loop_from: float = 0.35  # fraction of the training budget after which the extra passes run
@@ -95,7 +94,7 @@ class Hyperparameters:
     max_wallclock_seconds: float = 600.0  # training budget, GPTQ calibration included
     warmdown_frac: float = 0.75  # final fraction of the budget over which the LR decays to 0
     warmup_steps: int = 20  # compile-priming steps on random tokens; state is reset after them
-    matrix_lr: float = 0.022  # Muon (R7)
+    matrix_lr: float = 0.026  # Muon (R8)
     embed_lr: float = 0.035  # Adam: tied embedding, bigram table
     scalar_lr: float = 0.025  # Adam: gains, mixes, skip weights
     muon_momentum: float = 0.97
@@ -103,7 +102,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500
     muon_wd: float = 0.095
     muon_row_normalize: bool = True  # MuonEq-R: each row of the update scaled to unit norm before NS
-    adam_wd: float = 0.04
+    adam_wd: float = 0.085  # R8
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -153,9 +152,9 @@ class Hyperparameters:
             (0 < self.rope_dims <= self.model_dim // self.num_heads and self.rope_dims % 2 == 0,
              "ROPE_DIMS must be even and at most the head dim"),
             (0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N must be between 0 and NUM_LAYERS"),
-            (self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < self.num_layers - 1,
-             "with NUM_LOOPS > 0, 0 <= LOOP_START <= LOOP_END < NUM_LAYERS - 1 (the last block runs once)"),
-            (self.num_loops >= 0, "NUM_LOOPS must be >= 0"),
+            (self.num_loops == 0 or 0 < self.num_loops and 0 <= self.loop_start <= self.loop_end < self.num_layers - 1,
+             "NUM_LOOPS must be >= 0; with NUM_LOOPS > 0, 0 <= LOOP_START <= LOOP_END < NUM_LAYERS - 1 "
+             "(the last block runs once)"),
             (0.0 <= self.loop_from <= 1.0, "LOOP_FROM must be in [0, 1]"),
             (self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be at least 2"),
             (self.train_seq_len % self.eval_stride == 0, "TRAIN_SEQ_LEN must be a multiple of EVAL_STRIDE"),
@@ -196,13 +195,8 @@ class Runtime:
     local_rank: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+    is_main = property(lambda self: self.rank == 0)
+    distributed = property(lambda self: self.world_size > 1)  # several processes (torchrun)
 
 
 def init_runtime() -> Runtime:
@@ -300,8 +294,7 @@ def find_shards(pattern: str) -> list[str]:
 def open_shard(path: str) -> np.ndarray:
     """Memory-map one shard's tokens (uint16, read-only) after checking its header and size.
 
-    Raises ValueError on a short header, wrong magic/version, or a size that disagrees with the header.
-    """
+    Raises ValueError on a short header, wrong magic/version, or a size that disagrees with the header."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS:
         raise ValueError(f"{path}: shorter than the {SHARD_HEADER_BYTES}-byte shard header")
@@ -327,8 +320,7 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
 def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> torch.Tensor:
     """All validation shards concatenated, cut to a multiple of seq_len plus one token (challenge rule).
 
-    Returns int64 tensor of shape (n * seq_len + 1,). Raises ValueError if shorter than one sequence.
-    """
+    Returns int64 tensor of shape (n * seq_len + 1,). Raises ValueError if shorter than one sequence."""
     tokens = np.concatenate([np.asarray(open_shard(f)) for f in find_shards(pattern)])
     check_token_ids(tokens, vocab_size, pattern)
     usable = ((tokens.size - 1) // seq_len) * seq_len
@@ -345,8 +337,7 @@ class TokenLoader:
     seeded by (seed, epoch), and serves them in order: a step takes the next `seqs_per_rank *
     world_size` blocks and rank r reads its own contiguous slice, so ranks read disjoint spans and
     the union is the one-GPU batch. Shards are memory-mapped; token ids are checked before training.
-    Raises like `open_shard` and `check_token_ids`, or ValueError when the shards hold less than a step.
-    """
+    Raises like `open_shard` and `check_token_ids`, or ValueError when the shards hold less than a step."""
 
     def __init__(self, pattern: str, seq_len: int, seqs_per_rank: int, rt: Runtime, seed: int, vocab_size: int):
         files = find_shards(pattern)
@@ -409,8 +400,7 @@ def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray,
     Returns (base_bytes int64, has_leading_space bool, is_boundary bool). Control/unknown/unused
     tokens are boundaries worth 0 bytes; byte-fallback tokens are 1 byte; other pieces count the
     UTF-8 bytes of the piece without its leading "▁", which adds one byte unless the previous
-    token is a boundary (so no space is counted right after BOS).
-    """
+    token is a boundary (so no space is counted right after BOS)."""
     n = sp.vocab_size()
     base, space, boundary = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     for i in range(n):
@@ -458,8 +448,6 @@ def sdpa_preference(device: torch.device):
     """Context preferring cuDNN, then flash SDPA kernels on GPU (cuDNN measured fastest on H100/H200)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
     return sdpa_kernel(order, set_priority=True)
 
@@ -469,8 +457,7 @@ def embedding_backward(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> 
     """Gradient of an embedding table: rows of `grad` summed by id -> (num_rows, dim).
 
     An opaque op so torch.compile calls PyTorch's sort-based kernel: Inductor's own lowering uses
-    atomic adds that serialise on frequent tokens (measured 5 ms per table per step on an H200).
-    """
+    atomic adds that serialise on frequent tokens (measured 5 ms per table per step on an H200)."""
     return torch.ops.aten.embedding_dense_backward(grad, ids, num_rows, -1, False)
 
 
@@ -502,8 +489,7 @@ class _EmbeddingFunction(torch.autograd.Function):
 class Rotary(nn.Module):
     """Partial rotary position embedding (RoPE, Su et al. 2021) on the first `rope_dims` of each head.
 
-    Partial RoPE (16 of 64 dims) is from the 2026-03-21 record; the rest of the head is position-free.
-    """
+    Partial RoPE (16 of 64 dims) is from the 2026-03-21 record; the rest of the head is position-free."""
 
     def __init__(self, rope_dims: int, base: float, max_len: int):
         super().__init__()
@@ -524,8 +510,7 @@ class Rotary(nn.Module):
 def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """XSA: remove from each head's output its component along the token's own value vector.
 
-    y: (B, T, H, D), v: (B, T, Hkv, D). From the XSA records (2026-03-20_11L_XSA4, PR #1019).
-    """
+    y: (B, T, H, D), v: (B, T, Hkv, D). From the XSA records (2026-03-20_11L_XSA4, PR #1019)."""
     b, t, h, d = y.shape
     groups = y.reshape(b, t, v.size(2), h // v.size(2), d)
     v_unit = F.normalize(v, dim=-1).unsqueeze(3)
@@ -596,8 +581,7 @@ class BigramHash(nn.Module):
 
     bucket[t] = (36313 * tok[t] XOR 27191 * tok[t-1]) mod (buckets - 1); the reserved last bucket is
     used at position 0 and at every BOS, so no pair spans a document boundary. Targets are never
-    hashed. From R1 (2026-03-20 record); table zero-initialised, projection orthogonal, scale 0.05.
-    """
+    hashed. From R1 (2026-03-20 record); table zero-initialised, projection orthogonal, scale 0.05."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
         super().__init__()
@@ -623,8 +607,7 @@ class SmearGate(nn.Module):
     """x_t += sigmoid(g) * (x_{t-1} - x_t), a learned per-channel blend with the previous position.
 
     The blend is off at position 0 and wherever the current token is BOS, so nothing crosses a
-    document boundary (the BOS fix of R8 / issue #1797). From R1; g starts at 0 (a 50/50 blend).
-    """
+    document boundary (the BOS fix of R8 / issue #1797). From R1; g starts at 0 (a 50/50 blend)."""
 
     def __init__(self, dim: int, bos_id: int):
         super().__init__()
@@ -649,12 +632,10 @@ def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int)
 class GPT(nn.Module):
     """Decoder-only transformer with U-Net skips, tied embeddings and a tanh logit softcap.
 
-    Blocks run in `layer_order` (with the extra passes of depth recurrence while `looping` is on,
-    which it is from construction whenever num_loops > 0). The first half of that sequence
-    (encoder) pushes its outputs; each later step first adds skip_weights[j] * (mirrored encoder
-    output). Shapes: input_ids (B, T) int64 -> logits (B, T, V), or with targets (B, T): mean NLL
-    (reduction="mean") or per-token NLL (B, T) ("none"), in nats.
-    """
+    Blocks run in `layer_order` (depth recurrence's extra passes only while `looping`, which is on
+    from construction if num_loops > 0). The first half of that order (encoder) pushes its outputs;
+    each later step first adds skip_weights[j] * (mirrored encoder output). input_ids (B, T) int64
+    -> logits (B, T, V), or with targets (B, T): mean NLL or per-token NLL (B, T) ("none"), in nats."""
 
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: float, rope_dims: int, rope_base: float, qk_gain_init: float, xsa_last_n: int,
@@ -733,8 +714,7 @@ def matmul_flops_per_token(model: GPT, seq_len: int, looping: bool) -> float:
 def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximate orthogonalisation U V^T of g (..., m, n) by a quintic Newton-Schulz iteration in bf16.
 
-    Coefficients (3.4445, -4.7750, 2.0315) from Muon (Jordan et al. 2024, modded-nanogpt).
-    """
+    Coefficients (3.4445, -4.7750, 2.0315) from Muon (Jordan et al. 2024, modded-nanogpt)."""
     x = g.bfloat16()
     transposed = x.size(-2) > x.size(-1)
     if transposed:
@@ -750,12 +730,10 @@ class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024) with decoupled weight decay.
 
     For each 2-D parameter: buf = momentum*buf + grad; update = NS5(grad + momentum*buf) (Nesterov),
-    scaled by sqrt(max(1, rows/cols)); p -= lr*wd*p + lr*update. Parameters of equal shape are
-    orthogonalised together in one batched call. With several ranks, rank r computes the updates
-    of every world_size-th parameter of each shape and one all-reduce shares them. With
-    row_normalize (MuonEq-R, as in records R7/R8) each row of the Nesterov update is first scaled to
-    unit L2 norm, so no output feature dominates the orthogonalisation.
-    """
+    scaled by sqrt(max(1, rows/cols)); p -= lr*wd*p + lr*update. Equal shapes are orthogonalised in one
+    batched call; with several ranks, rank r does every world_size-th parameter of each shape and one
+    all-reduce shares the updates. row_normalize (MuonEq-R, R7/R8) first scales each row of the
+    Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, rt: Runtime,
                  row_normalize: bool = False):
@@ -767,8 +745,7 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             params, momentum = group["params"], group["momentum"]
-            sizes = [p.numel() for p in params]
-            offsets = np.cumsum([0] + sizes)
+            offsets = np.cumsum([0] + [p.numel() for p in params])
             flat = torch.zeros(int(offsets[-1]), device=params[0].device, dtype=torch.bfloat16)
             by_shape: dict[tuple, list[int]] = {}
             for i, p in enumerate(params):
@@ -799,12 +776,9 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     embeddings = [model.tok_emb.weight, model.bigram.embed.weight]
     taken = {id(p) for p in matrices + embeddings}
     scalars = [p for p in model.parameters() if id(p) not in taken]
-    fused = rt.device.type == "cuda"
-    adam = torch.optim.AdamW(
-        [dict(params=embeddings, lr=args.embed_lr, weight_decay=args.adam_wd),
-         dict(params=scalars, lr=args.scalar_lr, weight_decay=0.0)],
-        betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused,
-    )
+    adam = torch.optim.AdamW([dict(params=embeddings, lr=args.embed_lr, weight_decay=args.adam_wd),
+                              dict(params=scalars, lr=args.scalar_lr, weight_decay=0.0)],
+                             betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=rt.device.type == "cuda")
     muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_wd, rt, args.muon_row_normalize)
     for opt in (adam, muon):
         for group in opt.param_groups:
@@ -819,9 +793,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
 
 def lr_scale(progress: float, warmdown_frac: float) -> float:
     """1 until the last `warmdown_frac` of training, then linear to 0 at progress 1 (progress in [0, 1])."""
-    if warmdown_frac <= 0.0:
-        return 1.0
-    return max(0.0, min(1.0, (1.0 - progress) / warmdown_frac))
+    return 1.0 if warmdown_frac <= 0.0 else max(0.0, min(1.0, (1.0 - progress) / warmdown_frac))
 
 
 class EMA:
@@ -901,8 +873,7 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
     and optimizers are then reset to their initial state. The LR warm-down follows the fraction of
     the budget used; the stop decision is the max over ranks, so every rank stops at the same step.
     With NUM_LOOPS > 0 the extra passes of depth recurrence start once LOOP_FROM of the budget is
-    used (the same step on every rank; warm-up compiles the graphs with and without them).
-    """
+    used (the same step on every rank; warm-up compiles the graphs with and without them)."""
     net = wrap_for_training(model, rt)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     warm_opts = build_optimizers(model, args, rt)
@@ -977,8 +948,7 @@ def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime)
     """GPTQ Hessians H = E[x x^T] on training batches, of the inputs of every block linear layer and of
     the tied output head (the final RMS-normed hidden state, for tok_emb.weight as the head's weight).
 
-    Returns {weight name: (in_features, in_features) fp32}, averaged over tokens and ranks.
-    """
+    Returns {weight name: (in_features, in_features) fp32}, averaged over tokens and ranks."""
     sums: dict[str, torch.Tensor] = {}
 
     def accumulate(key: str, x: torch.Tensor) -> None:
@@ -1006,18 +976,15 @@ def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime)
 def choose_row_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
     """Per-row scale (fp16-representable) minimising round-to-nearest MSE over clip quantiles.
 
-    w: (..., rows, cols) fp32 -> (..., rows) fp32. The clip search of GPTQ-lite (R2).
-    """
-    best_scale = best_err = None
+    w: (..., rows, cols) fp32 -> (..., rows) fp32. The clip search of GPTQ-lite (R2)."""
+    best_scale, best_err = None, torch.full(w.shape[:-1], math.inf, device=w.device)
     for q in CLIP_QUANTILES:
         clip = w.abs().amax(-1) if q == 1.0 else torch.quantile(w.abs(), q, dim=-1)
         scale = (clip / qmax).clamp_min(1e-6).half().float()
         err = (w - (w / scale[..., None]).round().clamp(-qmax, qmax) * scale[..., None]).square().sum(-1)
-        if best_err is None:
-            best_scale, best_err = scale, err
-        else:
-            better = err < best_err
-            best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
+        better = err < best_err
+        best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
+        best_err = torch.minimum(err, best_err)
     return best_scale
 
 
@@ -1028,8 +995,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: i
     w: (L, rows, cols) fp32 weights, h: (L, cols, cols) input Hessians, scale: (L, rows) fixed per-row
     scales. Columns are quantized in order of decreasing Hessian diagonal; each column's rounding error
     is propagated to the not-yet-quantized columns through the inverse Hessian's Cholesky factor.
-    Returns int8 codes (L, rows, cols) in [-qmax, qmax].
-    """
+    Returns int8 codes (L, rows, cols) in [-qmax, qmax]."""
     w, h = w.clone().float(), h.clone().float()
     L, rows, cols = w.shape
     diag = h.diagonal(dim1=-2, dim2=-1)
@@ -1129,8 +1095,7 @@ def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: d
 
     Every step size is multiplied by the smallest alpha >= 1 whose estimated size fits: bisection on
     round-to-nearest codes, then GPTQ at that alpha, raising alpha until the GPTQ codes fit too. Sizes
-    are estimated with zstd level 1, within about 0.3% of level 22 on these codes (hence 0.5% margin).
-    """
+    are estimated with zstd level 1, within about 0.3% of level 22 on these codes (hence 0.5% margin)."""
     target = int(max_bytes * 0.995)
 
     def size(entries: dict) -> int:
@@ -1170,8 +1135,7 @@ def serialize_artifact(config: dict, entries: dict[str, dict]) -> bytes:
 
     Arrays are grouped by kind (int6 codes, int7 codes, their scales, fp16, fp32) so similar bytes sit
     together for the compressor; the header goes last because text ahead of the codes made zstd-22
-    compress them up to 6% worse. No pickle: the artifact holds only numbers and this header.
-    """
+    compress them up to 6% worse. No pickle: the artifact holds only numbers and this header."""
     header = {"config": config, "tensors": []}
     parts, offset = [], 0
     groups = [(k, "q") for k in INT_KINDS.values()] + [(k, "scale") for k in INT_KINDS.values()] + \
@@ -1231,8 +1195,7 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Te
     i.e. targets start_i + from_i .. start_i + seq_len - 1 (target j is token j+1). The first window
     scores all of its positions; each later one scores the `stride` targets after the previous.
     Returns (starts, score_from), int64 tensors of equal length. stride == seq_len gives plain
-    non-overlapping evaluation.
-    """
+    non-overlapping evaluation."""
     if n_targets < seq_len:
         raise ValueError(f"validation has {n_targets} targets, fewer than one {seq_len}-token window")
     firsts = torch.arange(seq_len, n_targets, stride)
@@ -1302,14 +1265,12 @@ def evaluate_ttt(model: GPT, model_fn, tokens: torch.Tensor, bytes_per_target: t
                  rt: Runtime, log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
     """Legal score-first test-time training (R3 / PR #549 recipe), in stream order.
 
-    The targets are cut into chunks of TTT_CHUNK_TOKENS; each sliding window belongs to the chunk of
-    its first scored target. For chunk c: score all its windows under inference_mode with the
-    current weights, then (unless c is the last chunk) train all weights on chunk c's own tokens:
-    TTT_EPOCHS passes of SGD+momentum over its TRAIN_SEQ_LEN sequences, LR cosine-decayed over
-    chunks, gradients all-reduced and clipped. So every target is scored before any update that saw
-    it. If the projected time would pass `deadline` (perf_counter seconds), training stops and the
-    remaining chunks are only scored; the log says so.
-    """
+    Targets are cut into chunks of TTT_CHUNK_TOKENS; a sliding window belongs to the chunk of its first
+    scored target. For chunk c: score its windows under inference_mode, then (unless c is the last)
+    train all weights on chunk c's tokens: TTT_EPOCHS passes of SGD+momentum over its sequences, LR
+    cosine-decayed over chunks, gradients all-reduced and clipped. So every target is scored before any
+    update that saw it. If the projected time passes `deadline` (perf_counter s), the remaining chunks
+    are only scored, and the log says so."""
     n, seq_len, chunk = tokens.numel() - 1, args.train_seq_len, args.ttt_chunk_tokens
     starts, score_from = sliding_windows(n, seq_len, args.eval_stride)
     chunk_of = (starts + score_from) // chunk
@@ -1362,8 +1323,7 @@ def ttt_step(model: GPT, model_fn, opt, params, tokens: torch.Tensor, seq_starts
     """One SGD step on the sequences starting at seq_starts (already scored), split across ranks.
 
     Each rank runs a fixed (rank_seqs, seq_len) batch (padded with zero-weight rows) so the compiled
-    graph never changes shape; the loss is the mean over the real tokens of the whole global batch.
-    """
+    graph never changes shape; the loss is the mean over the real tokens of the whole global batch."""
     seq_len, device = args.train_seq_len, rt.device
     mine = seq_starts[rt.rank :: rt.world_size].to(device)
     real = len(mine)
@@ -1406,12 +1366,6 @@ def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime
 # ----------------------------------------------------------------------------------------------
 # 9. Main
 # ----------------------------------------------------------------------------------------------
-
-
-def write_submission(path: str, fields_: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(fields_, f, indent=2)
-        f.write("\n")
 
 
 def main() -> int:
@@ -1511,12 +1465,11 @@ def main() -> int:
         if args.scores_path:
             np.save(args.scores_path, board.nll.cpu().numpy().astype(np.float32))
         if not args.eval_only:
-            write_submission(args.submission_path, {
-                "name": SUBMISSION_NAME, "val_bpb": round(bpb, 6), "val_loss": round(loss, 6),
-                "bytes_total": bytes_total, "bytes_code": bytes_code, "bytes_model": bytes_model,
-                "eval_seconds": round(eval_seconds, 1), **summary,
-                "date": datetime.date.today().isoformat(),
-            })
+            summary = {"name": SUBMISSION_NAME, "val_bpb": round(bpb, 6), "val_loss": round(loss, 6),
+                       "bytes_total": bytes_total, "bytes_code": bytes_code, "bytes_model": bytes_model,
+                       "eval_seconds": round(eval_seconds, 1), **summary, "date": datetime.date.today().isoformat()}
+            with open(args.submission_path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(summary, indent=2) + "\n")
     if rt.distributed:
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
