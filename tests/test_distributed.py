@@ -2,8 +2,9 @@
 
 Each run is train_gpt.py under torch.distributed.run with a tiny model. The global batch is fixed
 (1,024 tokens); gradient accumulation makes up the rest (4 micro-batches on 1 rank, 2 on 2, 1 on 4).
-These are the code paths of a multi-GPU run (DDP, Muon's sharded updates, rank-0 GPTQ, split
-scoring, TTT gradient all-reduce) with gloo in place of NCCL.
+These are the code paths of a multi-GPU run (DDP, Muon's sharded updates, the depth-recurrence
+switch agreed by all ranks, rank-0 GPTQ, split scoring, TTT gradient all-reduce) with gloo in place
+of NCCL.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def final(log: str, what: str) -> float:
 def runs(tmp_path_factory, data_dir, tokenizer):
     """Train on 1, 2 and 4 ranks; evaluate the 1-rank artifact on 2 and 4 ranks (EVAL_ONLY)."""
     base = dict(
-        **tiny_model_env(tokenizer.vocab_size), DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer.path),
+        **tiny_model_env(tokenizer.vocab_size, num_layers=3, num_loops=1, loop_start=0, loop_end=1),
+        LOOP_FROM="0.5", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer.path),
         TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024",
         MICRO_BATCH_TOKENS="256", ITERATIONS="6", WARMUP_STEPS="1", LOG_EVERY="1", GPTQ_CALIB_BATCHES="1",
         GPTQ_RESERVE_SECONDS="1", EVAL_STRIDE="32", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="256",
@@ -61,6 +63,8 @@ def test_training_losses_match_across_rank_counts(runs):
     """The same global batch gives the same training losses whatever the number of ranks."""
     ref = losses(runs[("train", 1)][0])
     assert len(ref) == 6
+    for n in RANKS:
+        assert "depth_recurrence on at step 3 passes 5 (from 3)" in runs[("train", n)][0]
     for n in RANKS[1:]:
         got = losses(runs[("train", n)][0])
         assert len(got) == len(ref)
