@@ -4,7 +4,9 @@
 usage: TRAIN_BATCH_TOKENS=98304 python3 bench/train_step.py [--steps 30] [--profile-steps 5]
 The model and batch come from the same environment variables as train_gpt.py (one micro-batch
 per step). Prints median ms for a full step, for forward+backward alone and for the optimizer
-steps alone, model TFLOP/s, then the CUDA kernels that take the most time.
+steps alone, model TFLOP/s, then the CUDA kernels that take the most time. The model runs the
+extra passes of depth recurrence when NUM_LOOPS > 0 (the default); NUM_LOOPS=0 times the 11-pass
+phase that precedes LOOP_FROM in training.
 """
 import argparse
 import os

@@ -28,6 +28,7 @@ def main() -> None:
     ref_losses = train_losses(f"{out}/train_{base}gpu.txt")
     ref_ms = find(f"{out}/train_{base}gpu.txt", r"train_end .*step_avg ([\d.]+)ms")
     ref_scores = np.load(f"{out}/scores_{base}gpu.npy")
+    ref_ttt = find(f"{out}/eval_{base}gpu.txt", r"^final ttt val_loss \S+ val_bpb ([\d.]+)")
     print(f"{'gpus':>4} {'steps':>5} {'max |dloss|':>11} {'ms/step':>8} {'scaling eff':>11} "
           f"{'sliding bpb':>11} {'ttt bpb':>10} {'|dbpb|':>8} {'targets':>9} {'max |dnll|':>10}")
     for n in counts:
@@ -38,7 +39,6 @@ def main() -> None:
         ev = f"{out}/eval_{n}gpu.txt"
         sliding = find(ev, r"^final sliding val_loss \S+ val_bpb ([\d.]+)")
         ttt = find(ev, r"^final ttt val_loss \S+ val_bpb ([\d.]+)")
-        ref_ttt = find(f"{out}/eval_{base}gpu.txt", r"^final ttt val_loss \S+ val_bpb ([\d.]+)")
         scores = np.load(f"{out}/scores_{n}gpu.npy")
         dnll = float(np.abs(scores - ref_scores).max()) if scores.shape == ref_scores.shape else float("nan")
         print(f"{n:>4} {len(common):>5} {dloss:>11.5f} {ms:>8.1f} {ref_ms * base / (n * ms):>11.2f} "
