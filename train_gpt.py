@@ -624,7 +624,7 @@ class SmearGate(nn.Module):
 
 def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int) -> list[int]:
     """Block indices in the order they run: blocks loop_start..loop_end repeat 1 + num_loops times
-    (depth recurrence, R6-R8: e.g. 11 blocks with 3..5 looped twice run as 17 virtual layers)."""
+    (depth recurrence, R6-R8: 11 blocks with 3..5 given two extra passes run as 17 virtual layers)."""
     looped = list(range(loop_start, loop_end + 1)) * (1 + num_loops)
     return list(range(loop_start)) + looped + list(range(loop_end + 1, num_layers))
 
@@ -670,6 +670,8 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         x = rms_norm(self.tok_emb(input_ids) + self.bigram(input_ids))
+        if torch.is_autocast_enabled(x.device.type):  # a bf16 residual stream, as in the records
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         x = x0 = self.smear(x, input_ids)
         skips, order = [], self.orders[self.looping]
         num_encoder = len(order) // 2
@@ -895,9 +897,8 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
     step_flops = {flag: matmul_flops_per_token(model, args.train_seq_len, flag) * args.train_batch_tokens
                   for flag in (False, True)}
     t0 = time.perf_counter()
-    n, loss, elapsed, flops = 0, torch.zeros(()), 0.0, 0.0
+    n, loss, elapsed, flops, progress = 0, torch.zeros(()), 0.0, 0.0, 0.0
     while n < args.iterations:
-        progress = max(elapsed / budget_seconds, n / args.iterations)
         scale = lr_scale(progress, args.warmdown_frac)
         frac = min(n / max(1, args.muon_momentum_warmup_steps), 1.0)
         for opt in optimizers:
@@ -912,7 +913,8 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
         if n % args.log_every == 0:
             synchronize(rt.device)
         elapsed = time.perf_counter() - t0
-        stop, loop_due = elapsed >= budget_seconds, max(elapsed / budget_seconds, n / args.iterations) >= args.loop_from
+        progress = max(elapsed / budget_seconds, n / args.iterations)  # the fraction of the budget used
+        stop, loop_due = elapsed >= budget_seconds, progress >= args.loop_from
         if rt.distributed:  # every rank stops (and starts the extra passes) at the same step
             flags = all_reduce(torch.tensor([float(stop), float(loop_due)], device=rt.device), rt, dist.ReduceOp.MAX)
             stop, loop_due = bool(flags[0] > 0), bool(flags[1] > 0)

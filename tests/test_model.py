@@ -52,6 +52,24 @@ def test_gpt_loss_outputs():
     assert float(logits.abs().max()) <= 30.0  # tanh softcap
 
 
+@torch.no_grad()
+def test_residual_stream_follows_autocast():
+    """Under bf16 autocast every block reads and writes a bf16 residual stream (the records' dtype,
+    half the memory traffic of fp32); without autocast it stays fp32, and the loss is fp32 either way."""
+    model = tiny_model(seed=5, num_loops=1)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda _m, inputs, out: seen.append((inputs[0].dtype, inputs[1].dtype, out.dtype)))
+    x, y = random_ids(2, 16, seed=1), random_ids(2, 16, seed=2)
+    assert model(x, y).dtype == torch.float32
+    assert seen and set(seen) == {(torch.float32,) * 3}
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, y)
+    assert loss.dtype == torch.float32
+    assert len(seen) == len(model.orders[True]) and set(seen) == {(torch.bfloat16,) * 3}
+
+
 # ----------------------------------------------------------------------------------------------
 # SmearGate
 # ----------------------------------------------------------------------------------------------
