@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -30,6 +31,8 @@ from dataclasses import asdict, dataclass, fields
 # NVLink multicast (NVLS) stays off: it can take a shared host's GPUs out of service.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+# oneDNN's AMX bf16 kernels die with SIGILL on virtual machines that advertise AMX without enabling it.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 import numpy as np
 import sentencepiece as spm
@@ -77,6 +80,10 @@ class Hyperparameters:
     rope_base: float = 10000.0
     qk_gain_init: float = 5.0  # R6-R8
     xsa_last_n: int = 11  # exclusive self-attention on the last N layers
+    doc_mask: bool = False  # no attention across a BOS, in training and in every evaluation pass (R6-R8)
+    parallel_start: int = 0  # blocks from this index on run attention and MLP in two lanes (R7; 0: off)
+    skip_gates: bool = False  # U-Net skips blended in by learned sigmoid gates (R7) instead of added
+    attn_gate: bool = False  # per-head attention output gate 2*sigmoid(W x[:12]) (R6)
     num_loops: int = 1  # depth recurrence: extra passes through blocks LOOP_START..LOOP_END (0: none)
     loop_start: int = 3
     loop_end: int = 5
@@ -102,6 +109,8 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500
     muon_wd: float = 0.095
     muon_row_normalize: bool = True  # MuonEq-R: each row of the update scaled to unit norm before NS
+    polar_express: bool = False  # Polar Express Newton-Schulz coefficients instead of Muon's fixed ones
+    min_lr: float = 0.0  # floor of the warm-down LR scale (R7/R8)
     adam_wd: float = 0.085  # R8
     beta1: float = 0.9
     beta2: float = 0.95
@@ -117,12 +126,18 @@ class Hyperparameters:
     eval_batch_seqs: int = 32  # windows per forward, per GPU
     eval_max_seconds: float = 600.0  # everything after training; TTT degrades to scoring past it
     ttt_enabled: bool = True
+    ttt_mode: str = "chunk"  # "chunk": global SGD on scored chunks (R3); "lora": per-document LoRA (R6-R8)
     ttt_chunk_tokens: int = 32_768
     ttt_epochs: int = 3
     ttt_lr: float = 0.002
     ttt_momentum: float = 0.9
     ttt_batch_seqs: int = 32
     ttt_grad_clip: float = 1.0
+    ttt_lora_rank: int = 32
+    ttt_lora_lr: float = 1e-4  # AdamW, betas (0, 0.999), weight decay TTT_LORA_WD (R6/R7)
+    ttt_lora_wd: float = 0.5
+    ttt_lora_chunk: int = 64  # tokens scored, then trained on, per adapter step
+    ttt_lora_docs: int = 64  # consecutive documents adapted side by side
 
     @classmethod
     def from_env(cls, environ=os.environ) -> tuple["Hyperparameters", dict[str, str]]:
@@ -156,6 +171,12 @@ class Hyperparameters:
              "NUM_LOOPS must be >= 0; with NUM_LOOPS > 0, 0 <= LOOP_START <= LOOP_END < NUM_LAYERS - 1 "
              "(the last block runs once)"),
             (0.0 <= self.loop_from <= 1.0, "LOOP_FROM must be in [0, 1]"),
+            (self.parallel_start == 0 or self.num_layers // 2 <= self.parallel_start < self.num_layers,
+             "PARALLEL_START must be 0 (off) or a decoder block index (NUM_LAYERS//2 .. NUM_LAYERS-1)"),
+            (self.ttt_mode in ("chunk", "lora"), "TTT_MODE must be 'chunk' or 'lora'"),
+            (self.ttt_mode != "lora" or self.ttt_lora_chunk > 0 and self.ttt_lora_rank > 0 and self.ttt_lora_docs > 0,
+             "TTT_LORA_CHUNK, TTT_LORA_RANK and TTT_LORA_DOCS must be positive"),
+            (0.0 <= self.min_lr <= 1.0, "MIN_LR must be in [0, 1]"),
             (self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be at least 2"),
             (self.train_seq_len % self.eval_stride == 0, "TRAIN_SEQ_LEN must be a multiple of EVAL_STRIDE"),
             (self.ttt_chunk_tokens % self.train_seq_len == 0,
@@ -436,11 +457,48 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention by SDPA. q: (B, T, H, D); k, v: (B, T, Hkv, D), H % Hkv == 0 -> (B, T, H, D)."""
-    y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-    )
+def doc_segments(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Document segments of a batch for masked attention: input_ids (B, T) -> cu_seqlens, int32 (S+1,).
+
+    Offsets into the B*T flattened tokens where a segment starts (every row start and every BOS),
+    then B*T. Its length depends on the data, so it is computed eagerly and marked dynamic: one
+    compiled graph serves every batch (a fixed-size graph would recompile for each document count)."""
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    cu = F.pad(starts.flatten().nonzero().flatten(), (0, 1), value=input_ids.numel()).to(torch.int32)
+    torch._dynamo.mark_dynamic(cu, 0)
+    return cu
+
+
+try:  # FlashAttention-2 variable-length kernel inside PyTorch (2.10+); its keywords changed across versions
+    from torch.nn.attention.varlen import varlen_attn
+    _VARLEN_ARGS = inspect.signature(varlen_attn).parameters
+    _VARLEN_KW = {"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS else {"is_causal": True}
+    _VARLEN_KW |= {"enable_gqa": True} if "enable_gqa" in _VARLEN_ARGS else {}
+except ImportError:
+    varlen_attn = None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA attention. q: (B, T, H, D); k, v: (B, T, Hkv, D), H % Hkv == 0 -> (B, T, H, D).
+
+    Without cu_seqlens: SDPA (cuDNN preferred on GPU). With cu_seqlens (`doc_segments`), no token
+    attends across a segment start: PyTorch's variable-length FlashAttention on GPU (R7 uses FA3's),
+    else SDPA with an explicit block-diagonal causal mask (CPU, and the reference in tests)."""
+    b, t = q.shape[:2]
+    if cu_seqlens is not None and q.is_cuda and varlen_attn is not None:
+        y = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, t, t, **_VARLEN_KW)
+        return y.view_as(q)
+    mask = None
+    if cu_seqlens is not None:
+        seg = torch.zeros(b * t, dtype=torch.int32, device=q.device)
+        seg[cu_seqlens[1:-1].long()] = 1
+        seg = seg.cumsum(0).view(b, 1, t)
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        mask = (seg.unsqueeze(-1) == seg.unsqueeze(-2)) & causal
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=True)
     return y.transpose(1, 2)
 
 
@@ -517,10 +575,15 @@ def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (groups - (groups * v_unit).sum(-1, keepdim=True) * v_unit).reshape(b, t, h, d)
 
 
-class CausalSelfAttention(nn.Module):
-    """GQA attention with RMS-normed q/k, a learned per-head query gain, partial RoPE and optional XSA."""
+GATE_INPUTS = 12  # leading residual channels that drive the attention output gate (R6)
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rotary: Rotary, qk_gain_init: float, xsa: bool):
+
+class CausalSelfAttention(nn.Module):
+    """GQA attention with RMS-normed q/k, a learned per-head query gain, partial RoPE, optional XSA and
+    an optional per-head output gate y_h *= 2 sigmoid(w_h . x[:12]) (R6; w zero-initialised, so 1 at start)."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rotary: Rotary, qk_gain_init: float, xsa: bool,
+                 gate: bool):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = nn.Linear(dim, dim, bias=False)
@@ -528,18 +591,22 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+        self.gate = nn.Parameter(torch.zeros(num_heads, GATE_INPUTS)) if gate else None
         self.rotary, self.xsa = rotary, xsa
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, dim) -> (B, T, dim); cu_seqlens as in `causal_attention`."""
         b, t, dim = x.shape
         q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
         k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, cu_seqlens)
         if self.xsa:
             y = exclude_self_value(y, v)
+        if self.gate is not None:
+            y = y * (2.0 * torch.sigmoid(F.linear(x[..., :GATE_INPUTS], self.gate.to(x.dtype)))).unsqueeze(-1)
         return self.proj(y.reshape(b, t, dim))
 
 
@@ -557,23 +624,29 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block with a learned mix of the embedding x0 into the residual stream
-    and per-channel output scales; normed inputs are scaled by 1/sqrt(layer+1) (LN scale, 2026-03-21)."""
+    and per-channel output scales; normed inputs are scaled by 1/sqrt(layer+1) (LN scale, 2026-03-21).
+    `attend` and `feed` are its two residual updates; a parallel block runs them on separate lanes."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, hidden: int, rotary: Rotary,
-                 qk_gain_init: float, xsa: bool, layer_idx: int):
+                 qk_gain_init: float, xsa: bool, attn_gate: bool, layer_idx: int):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rotary, qk_gain_init, xsa)
+        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rotary, qk_gain_init, xsa, attn_gate)
         self.mlp = MLP(dim, hidden)
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1)
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, x0: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale)
+        return x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, cu_seqlens)
+
+    def feed(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.feed(self.attend(x, x0, cu_seqlens))
 
 
 class BigramHash(nn.Module):
@@ -634,15 +707,20 @@ class GPT(nn.Module):
 
     Blocks run in `layer_order` (depth recurrence's extra passes only while `looping`, which is on
     from construction if num_loops > 0). The first half of that order (encoder) pushes its outputs;
-    each later step first adds skip_weights[j] * (mirrored encoder output). input_ids (B, T) int64
-    -> logits (B, T, V), or with targets (B, T): mean NLL or per-token NLL (B, T) ("none"), in nats."""
+    each later step first merges in skip_weights[j] * (mirrored encoder output): added, or with
+    skip_gates blended as g x + (1 - g) skip, g = sigmoid(gate) (R7). From block `parallel_start` on
+    (R7's parallel residuals), attention and MLP update two lanes that start from the same stream
+    and are merged at the end by a learned weight. With doc_mask, attention never crosses a BOS
+    (pass cu_seqlens from `segments`). input_ids (B, T) int64 -> logits (B, T, V), or with targets
+    (B, T): mean NLL or per-token NLL (B, T) ("none"), in nats."""
 
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: float, rope_dims: int, rope_base: float, qk_gain_init: float, xsa_last_n: int,
                  bigram_buckets: int, bigram_dim: int, logit_softcap: float, tied_embed_init_std: float,
-                 max_seq_len: int, bos_id: int, num_loops: int = 0, loop_start: int = 0, loop_end: int = 0):
+                 max_seq_len: int, bos_id: int, num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
+                 doc_mask: bool = False, parallel_start: int = 0, skip_gates: bool = False, attn_gate: bool = False):
         super().__init__()
-        self.logit_softcap = logit_softcap
+        self.logit_softcap, self.bos_id, self.doc_mask, self.parallel_start = logit_softcap, bos_id, doc_mask, parallel_start
         self.orders = {False: list(range(num_layers)), True: layer_order(num_layers, num_loops, loop_start, loop_end)}
         self.looping = num_loops > 0
         rotary = Rotary(rope_dims, rope_base, max_seq_len)
@@ -651,11 +729,14 @@ class GPT(nn.Module):
         self.smear = SmearGate(model_dim, bos_id)
         self.blocks = nn.ModuleList(
             Block(model_dim, num_heads, num_kv_heads, int(mlp_mult * model_dim), rotary, qk_gain_init,
-                  i >= num_layers - xsa_last_n, i)
+                  i >= num_layers - xsa_last_n, attn_gate, i)
             for i in range(num_layers)
         )
         decoder_steps = max(len(order) - len(order) // 2 for order in self.orders.values())
         self.skip_weights = nn.Parameter(torch.ones(decoder_steps, model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(decoder_steps, model_dim)) if skip_gates else None
+        self.lane_merge = nn.Parameter(torch.tensor(0.5)) if parallel_start else None
+        self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)  # its output is the head's input
         self._init_weights(tied_embed_init_std)
 
     def _init_weights(self, embed_std: float) -> None:
@@ -668,20 +749,38 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.proj.weight)  # residual branches start as identity
             nn.init.zeros_(block.mlp.proj.weight)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+    def segments(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """cu_seqlens of input_ids' documents (`doc_segments`) if the model masks documents, else None.
+        Call it outside the compiled graph (it reads the data) and pass the result to forward."""
+        return doc_segments(input_ids, self.bos_id) if self.doc_mask else None
+
+    def merge_skip(self, j: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        skip = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + skip
+        return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                cu_seqlens: torch.Tensor | None = None):
         x = rms_norm(self.tok_emb(input_ids) + self.bigram(input_ids))
         if torch.is_autocast_enabled(x.device.type):  # a bf16 residual stream, as in the records
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x = x0 = self.smear(x, input_ids)
-        skips, order = [], self.orders[self.looping]
+        skips, order, mlp_lane = [], self.orders[self.looping], None
         num_encoder = len(order) // 2
         for j, i in enumerate(order):
             if j >= num_encoder and skips:
-                x = x + self.skip_weights[j - num_encoder].to(x.dtype) * skips.pop()
-            x = self.blocks[i](x, x0)
+                x = self.merge_skip(j - num_encoder, x, skips.pop())
+            if j >= num_encoder and 0 < self.parallel_start <= i:
+                mlp_lane = self.blocks[i].feed(x if mlp_lane is None else mlp_lane)
+                x = self.blocks[i].attend(x, x0, cu_seqlens)
+            else:
+                x = self.blocks[i](x, x0, cu_seqlens)
             if j < num_encoder:
                 skips.append(x)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype))
+        if mlp_lane is not None:
+            x = torch.lerp(mlp_lane, x, self.lane_merge.to(x.dtype))
+        logits = F.linear(self.final_norm(x), self.tok_emb.weight.to(x.dtype))
         logits = self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
         if targets is None:
             return logits
@@ -691,7 +790,8 @@ class GPT(nn.Module):
 
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "qk_gain_init", "xsa_last_n", "bigram_buckets", "bigram_dim", "logit_softcap",
-                "tied_embed_init_std", "num_loops", "loop_start", "loop_end")
+                "tied_embed_init_std", "num_loops", "loop_start", "loop_end", "doc_mask", "parallel_start", "skip_gates",
+                "attn_gate")
 
 
 def model_config(args: Hyperparameters, bos_id: int) -> dict:
@@ -713,18 +813,29 @@ def matmul_flops_per_token(model: GPT, seq_len: int, looping: bool) -> float:
     return 6.0 * matrix + 6.0 * len(order) * seq_len * model.tok_emb.weight.size(1)
 
 
-def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate orthogonalisation U V^T of g (..., m, n) by a quintic Newton-Schulz iteration in bf16.
+MUON_NS = (1.0, ((3.4445, -4.7750, 2.0315),) * 5)  # Muon's fixed quintic (Jordan et al. 2024, modded-nanogpt)
+POLAR_EXPRESS_NS = (1.02, (  # per-step coefficients and 2% norm margin (Amsel et al. 2025; modded-nanogpt, R8)
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)))
 
-    Coefficients (3.4445, -4.7750, 2.0315) from Muon (Jordan et al. 2024, modded-nanogpt)."""
+
+def newton_schulz(g: torch.Tensor, schedule: tuple = MUON_NS, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate orthogonalisation U V^T of g (..., m, n) by quintic Newton-Schulz steps in bf16:
+    x <- a x + (b A + c A^2) x with A = x x^T, after scaling x to Frobenius norm 1/margin.
+
+    schedule = (margin, ((a, b, c) per step)): MUON_NS or POLAR_EXPRESS_NS."""
+    margin, coefficients = schedule
     x = g.bfloat16()
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
-        a = x @ x.mT
-        x = 3.4445 * x + (-4.7750 * a + 2.0315 * (a @ a)) @ x
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * margin + eps)
+    for a, b, c in coefficients:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
     return x.mT if transposed else x
 
 
@@ -735,13 +846,14 @@ class Muon(torch.optim.Optimizer):
     scaled by sqrt(max(1, rows/cols)); p -= lr*wd*p + lr*update. Equal shapes are orthogonalised in one
     batched call; with several ranks, rank r does every world_size-th parameter of each shape and one
     all-reduce shares the updates. row_normalize (MuonEq-R, R7/R8) first scales each row of the
-    Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation."""
+    Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation.
+    ns_schedule picks the Newton-Schulz coefficients (`newton_schulz`)."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, rt: Runtime,
-                 row_normalize: bool = False):
+                 row_normalize: bool = False, ns_schedule: tuple = MUON_NS):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.rt, self.row_normalize = rt, row_normalize
-        self.orthogonalize = maybe_compile(newton_schulz5, rt.device)
+        self.rt, self.row_normalize, self.ns_schedule = rt, row_normalize, ns_schedule
+        self.orthogonalize = maybe_compile(newton_schulz, rt.device)
 
     @torch.no_grad()
     def step(self):
@@ -763,7 +875,7 @@ class Muon(torch.optim.Optimizer):
                 nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=momentum))
                 if self.row_normalize:
                     nesterov = nesterov / nesterov.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                update = self.orthogonalize(nesterov) * max(1.0, shape[0] / shape[1]) ** 0.5
+                update = self.orthogonalize(nesterov, self.ns_schedule) * max(1.0, shape[0] / shape[1]) ** 0.5
                 for j, i in enumerate(mine):
                     flat[offsets[i] : offsets[i + 1]] = update[j].flatten()
             all_reduce(flat, self.rt)
@@ -781,7 +893,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     adam = torch.optim.AdamW([dict(params=embeddings, lr=args.embed_lr, weight_decay=args.adam_wd),
                               dict(params=scalars, lr=args.scalar_lr, weight_decay=0.0)],
                              betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=rt.device.type == "cuda")
-    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_wd, rt, args.muon_row_normalize)
+    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_wd, rt, args.muon_row_normalize,
+                POLAR_EXPRESS_NS if args.polar_express else MUON_NS)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -793,9 +906,9 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
 # ----------------------------------------------------------------------------------------------
 
 
-def lr_scale(progress: float, warmdown_frac: float) -> float:
-    """1 until the last `warmdown_frac` of training, then linear to 0 at progress 1 (progress in [0, 1])."""
-    return 1.0 if warmdown_frac <= 0.0 else max(0.0, min(1.0, (1.0 - progress) / warmdown_frac))
+def lr_scale(progress: float, warmdown_frac: float, min_lr: float = 0.0) -> float:
+    """1 until the last `warmdown_frac` of training, then linear to `min_lr` at progress 1 (progress in [0, 1])."""
+    return 1.0 if warmdown_frac <= 0.0 else max(min_lr, min(1.0, (1.0 - progress) / warmdown_frac))
 
 
 class EMA:
@@ -856,7 +969,7 @@ def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad
         sync_grads = not rt.distributed or micro == len(batches) - 1
         with (contextlib.nullcontext() if sync_grads else net.no_sync()), autocast(rt.device), \
                 sdpa_preference(rt.device):
-            loss = net(x, y)
+            loss = net(x, y, cu_seqlens=model.segments(x))
         (loss / len(batches)).backward()
         total += loss.detach() / len(batches)
     if grad_clip_norm > 0:
@@ -899,7 +1012,7 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
     t0 = time.perf_counter()
     n, loss, elapsed, flops, progress = 0, torch.zeros(()), 0.0, 0.0, 0.0
     while n < args.iterations:
-        scale = lr_scale(progress, args.warmdown_frac)
+        scale = lr_scale(progress, args.warmdown_frac, args.min_lr)
         frac = min(n / max(1, args.muon_momentum_warmup_steps), 1.0)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -957,7 +1070,7 @@ def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime)
         x = x.detach().flatten(0, -2).float()
         sums[key] = sums.get(key, 0) + x.T @ x
 
-    hooks = [model.blocks[-1].register_forward_hook(lambda _m, _i, out: accumulate("tok_emb.weight", rms_norm(out)))]
+    hooks = [model.final_norm.register_forward_hook(lambda _m, _i, out: accumulate("tok_emb.weight", out))]
     for name, module in model.blocks.named_modules():
         if isinstance(module, nn.Linear):
             hooks.append(module.register_forward_hook(
@@ -966,7 +1079,7 @@ def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime)
         with torch.inference_mode(), autocast(rt.device), sdpa_preference(rt.device):
             for _ in range(batches):
                 x, _ = loader.next_batch()
-                model(x)
+                model(x, cu_seqlens=model.segments(x))
     finally:
         for h in hooks:
             h.remove()
@@ -1214,6 +1327,11 @@ class ScoreBoard:
         self.nll = torch.zeros(n_targets, device=device)
         self.count = torch.zeros(n_targets, device=device, dtype=torch.int32)
 
+    def add(self, targets: torch.Tensor, nll: torch.Tensor) -> None:
+        """Record the NLL of the given target indices (int64 (k,), nll (k,))."""
+        self.nll.index_put_((targets,), nll.float(), accumulate=True)
+        self.count.index_put_((targets,), torch.ones_like(targets, dtype=torch.int32), accumulate=True)
+
     def finalize(self, bytes_per_target: torch.Tensor, rt: Runtime) -> tuple[float, float]:
         """All-reduce, check every target was scored exactly once, return (mean NLL, bpb)."""
         all_reduce(self.nll, rt)
@@ -1238,12 +1356,10 @@ def score_windows(model_fn, tokens: torch.Tensor, starts: torch.Tensor, score_fr
             s, f = torch.cat((s, s[-1:].expand(batch - real))), torch.cat((f, f[-1:].expand(batch - real)))
         window = tokens[s[:, None] + offsets]
         with autocast(device), sdpa_preference(device):
-            nll = model_fn(window[:, :-1], window[:, 1:], reduction="none").float()
+            nll = model_fn(window[:, :-1], window[:, 1:], "none", model_fn.segments(window[:, :-1])).float()
         mask = offsets[None, :seq_len] >= f[:, None]
         mask[real:] = False
-        target_idx = (s[:, None] + offsets[None, :seq_len])[mask]
-        board.nll.index_put_((target_idx,), nll[mask], accumulate=True)
-        board.count.index_put_((target_idx,), torch.ones_like(target_idx, dtype=torch.int32), accumulate=True)
+        board.add((s[:, None] + offsets[None, :seq_len])[mask], nll[mask])
 
 
 def rank_slice(n: int, rt: Runtime) -> slice:
@@ -1335,7 +1451,7 @@ def ttt_step(model: GPT, model_fn, opt, params, tokens: torch.Tensor, seq_starts
         mine = torch.cat((mine, torch.zeros(rank_seqs - real, dtype=mine.dtype, device=device)))
     window = tokens[mine[:, None] + torch.arange(seq_len + 1, device=device)]
     with autocast(device), sdpa_preference(device):
-        nll = model_fn(window[:, :-1], window[:, 1:], reduction="none")
+        nll = model_fn(window[:, :-1], window[:, 1:], "none", model.segments(window[:, :-1]))
     (nll.float() * weight).sum().backward()
     if rt.distributed:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -1348,6 +1464,104 @@ def ttt_step(model: GPT, model_fn, opt, params, tokens: torch.Tensor, seq_starts
     opt.zero_grad(set_to_none=True)
 
 
+class BatchedLoRA(nn.Module):
+    """Low-rank adapters of one linear layer, one per document (LoRA, Hu et al. 2021; per-document TTT
+    adapters as in R6-R8): x (rows, T, in) -> (x @ a[rows]) @ b[rows], (rows, T, out). `reset` gives every
+    document the same start: a (docs, in, rank) uniform in +-1/sqrt(in) from a fixed seed, b (docs, rank,
+    out) zero, so a fresh adapter changes nothing."""
+
+    def __init__(self, docs: int, fan_in: int, fan_out: int, rank: int, device: torch.device):
+        super().__init__()
+        bound, gen = fan_in**-0.5, torch.Generator().manual_seed(fan_in * 7919 + fan_out)
+        self.a0 = (torch.rand(fan_in, rank, generator=gen) * 2 * bound - bound).to(device)
+        self.a = nn.Parameter(torch.empty(docs, fan_in, rank, device=device))
+        self.b = nn.Parameter(torch.empty(docs, rank, fan_out, device=device))
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.a.copy_(self.a0.expand_as(self.a))
+        self.b.zero_()
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return (x @ self.a[rows].to(x.dtype)) @ self.b[rows].to(x.dtype)
+
+
+def document_spans(tokens: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, lengths), int64 on CPU, of the documents of the target stream in stream order: a document
+    starts at position 0 and at every BOS and owns the targets whose input token it holds, so the spans
+    partition targets 0..n-1 (tokens (n+1,), target j = tokens[j+1])."""
+    n = tokens.numel() - 1
+    starts = torch.unique(torch.cat((torch.zeros(1, dtype=torch.int64), (tokens[:n].cpu() == bos_id).nonzero().flatten())))
+    return starts, torch.diff(starts, append=torch.tensor([n]))
+
+
+def evaluate_lora_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters,
+                      rt: Runtime, log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
+    """Score-first test-time training with per-document LoRA adapters, documents independent (R6-R8).
+
+    Consecutive documents of the stream (never reordered) are adapted side by side, TTT_LORA_DOCS at a
+    time, each with fresh adapters (rank TTT_LORA_RANK on every block linear layer) and fresh AdamW state.
+    A document is read in chunks of TTT_LORA_CHUNK targets; chunk k is scored with up to TRAIN_SEQ_LEN
+    tokens of its own document as context, its losses are recorded, and only then (unless it is the
+    document's last chunk) one AdamW step on that chunk's loss updates that document's adapters. So every
+    target is scored once, before any update that saw it, and no document's score depends on another
+    document. Past `deadline` (projected), the remaining groups are scored without adaptation."""
+    n, seq_len, chunk, docs = tokens.numel() - 1, args.train_seq_len, args.ttt_lora_chunk, args.ttt_lora_docs
+    starts, lengths = document_spans(tokens, model.bos_id)
+    num_groups = (len(starts) + docs - 1) // docs
+    board, device = ScoreBoard(n, rt.device), rt.device
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters, rows_now = {}, {}
+    for name, m in model.blocks.named_modules():
+        if isinstance(m, nn.Linear):
+            adapters[name] = BatchedLoRA(docs, m.in_features, m.out_features, args.ttt_lora_rank, device)
+            m.register_forward_hook(lambda _m, inp, out, lora=adapters[name]: out + lora(inp[0], rows_now["rows"]))
+    params = [p for lora in adapters.values() for p in lora.parameters()]
+    t0, training, trained_groups, offsets = time.perf_counter(), True, 0, torch.arange(seq_len, device=device)
+    my_groups = range(rt.rank, rt.world_size * math.ceil(num_groups / rt.world_size), rt.world_size)
+    for done, g in enumerate(my_groups):
+        per_group = (time.perf_counter() - t0) / max(done, 1)  # a scored-only group costs about a third
+        projected = time.perf_counter() + per_group * (1 + (len(my_groups) - done - 1) / 3)
+        decision = torch.tensor(float(training and trained_groups > 0 and projected > deadline), device=device)
+        if training and all_reduce(decision, rt, dist.ReduceOp.MAX).item() > 0:
+            training = False
+            log(f"ttt_deadline: adaptation stops after {trained_groups} document groups per rank "
+                f"(EVAL_MAX_SECONDS={args.eval_max_seconds})")
+        if g >= num_groups:
+            continue
+        s, length = starts[g * docs : (g + 1) * docs].to(device), lengths[g * docs : (g + 1) * docs].to(device)
+        for lora in adapters.values():
+            lora.reset()
+        opt = torch.optim.AdamW(params, lr=args.ttt_lora_lr, betas=(0.0, 0.999), weight_decay=args.ttt_lora_wd)
+        num_chunks = (length + chunk - 1) // chunk
+        for k in range(int(num_chunks.max())):
+            rows = (num_chunks > k).nonzero().flatten()
+            hi = (k + 1) * chunk
+            lo = max(0, hi - seq_len)
+            pos = s[rows, None] + lo + offsets[: hi - lo]  # input positions, (rows, ctx)
+            scored = (pos >= s[rows, None] + k * chunk) & (pos < (s + length)[rows, None])
+            rows_now["rows"] = rows
+            learn = training and bool((num_chunks[rows] > k + 1).any())
+            with torch.set_grad_enabled(learn), autocast(device), sdpa_preference(device):
+                nll = model(tokens[pos.clamp_max(n - 1)], tokens[(pos + 1).clamp_max(n)], "none").float()
+            board.add(pos[scored], nll.detach()[scored])
+            if learn:
+                weight = scored & (num_chunks[rows] > k + 1)[:, None]
+                ((nll * weight).sum(1) / scored.sum(1).clamp_min(1)).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        trained_groups += training
+    for m in model.blocks.modules():
+        m._forward_hooks.clear()
+    synchronize(device)
+    loss, bpb = board.finalize(bytes_per_target, rt)
+    log(f"ttt_lora documents {len(starts)} groups {num_groups} adapted_groups_per_rank {trained_groups} "
+        f"time {time.perf_counter() - t0:.1f}s")
+    return loss, bpb, board
+
+
 def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime) -> None:
     """Compile the scoring and TTT graphs on random tokens (never validation tokens); weights unchanged."""
     if rt.device.type != "cuda":
@@ -1355,12 +1569,12 @@ def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime
     seq_len, vocab = args.train_seq_len, args.vocab_size
     with torch.inference_mode(), autocast(rt.device), sdpa_preference(rt.device):
         x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len), device=rt.device)
-        model_fn(x, x, reduction="none")
-    if args.ttt_enabled:
+        model_fn(x, x, "none", model.segments(x))
+    if args.ttt_enabled and args.ttt_mode == "chunk":
         rank_seqs = math.ceil(min(args.ttt_batch_seqs, args.ttt_chunk_tokens // seq_len) / rt.world_size)
         x = torch.randint(0, vocab, (rank_seqs, seq_len), device=rt.device)
         with autocast(rt.device), sdpa_preference(rt.device):
-            model_fn(x, x, reduction="none").float().sum().backward()
+            model_fn(x, x, "none", model.segments(x)).float().sum().backward()
         model.zero_grad(set_to_none=True)
     synchronize(rt.device)
 
@@ -1455,7 +1669,10 @@ def main() -> int:
         f"eval_time {time.perf_counter() - t_eval:.1f}s")
     summary.update(sliding_val_bpb=round(bpb, 6))
     if args.ttt_enabled:
-        loss, bpb, board = evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log, deadline)
+        if args.ttt_mode == "lora":
+            loss, bpb, board = evaluate_lora_ttt(model, val_tokens, bytes_per_target, args, rt, log, deadline)
+        else:
+            loss, bpb, board = evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log, deadline)
         log(f"final ttt val_loss {loss:.6f} val_bpb {bpb:.6f}")
         summary.update(ttt_val_bpb=round(bpb, 6))
     eval_seconds = time.perf_counter() - t_eval

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Time and profile train_gpt.py's training step on random tokens (one GPU, no data needed).
 
-usage: TRAIN_BATCH_TOKENS=98304 python3 bench/train_step.py [--steps 30] [--profile-steps 5]
+usage: TRAIN_BATCH_TOKENS=98304 python3 bench/train_step.py [--steps 30] [--profile-steps 5] [--shard FILE]
 The model and batch come from the same environment variables as train_gpt.py (one micro-batch
-per step). Prints median ms for a full step, for forward+backward alone and for the optimizer
+per step); with --shard the rows are cut from a real shard, so DOC_MASK=1 sees real documents.
+Prints median ms for a full step, for forward+backward alone and for the optimizer
 steps alone, model TFLOP/s, then the CUDA kernels that take the most time. The model runs the
 extra passes of depth recurrence when NUM_LOOPS > 0 (the default); NUM_LOOPS=0 times the 11-pass
 phase that precedes LOOP_FROM in training.
@@ -36,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--shard", default="")
     a = ap.parse_args()
     args, _ = tg.Hyperparameters.from_env()
     rt = tg.init_runtime()
@@ -44,8 +46,14 @@ def main() -> None:
     opts = tg.build_optimizers(model, args, rt)
     seqs = args.train_batch_tokens // (rt.world_size * args.train_seq_len)
 
+    tokens = torch.from_numpy(tg.open_shard(a.shard).astype("int64")).to(rt.device) if a.shard else None
+
     def batch():
-        r = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len + 1), device=rt.device)
+        if tokens is None:
+            r = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len + 1), device=rt.device)
+        else:
+            starts = torch.randint(0, len(tokens) - args.train_seq_len - 1, (seqs, 1), device=rt.device)
+            r = tokens[starts + torch.arange(args.train_seq_len + 1, device=rt.device)]
         return [(r[:, :-1], r[:, 1:])]
 
     def step():
@@ -54,7 +62,7 @@ def main() -> None:
     def forward_backward():
         (x, y), = batch()
         with tg.autocast(rt.device), tg.sdpa_preference(rt.device):
-            net(x, y).backward()
+            net(x, y, cu_seqlens=model.segments(x)).backward()
         model.zero_grad(set_to_none=True)
 
     def optimizers_only():
