@@ -81,9 +81,9 @@ class Hyperparameters:
     qk_gain_init: float = 5.0  # R6-R8
     xsa_last_n: int = 11  # exclusive self-attention on the last N layers
     doc_mask: bool = False  # no attention across a BOS, in training and in every evaluation pass (R6-R8)
-    parallel_start: int = 0  # blocks from this index on run attention and MLP in two lanes (R7; 0: off)
-    skip_gates: bool = False  # U-Net skips blended in by learned sigmoid gates (R7) instead of added
-    attn_gate: bool = False  # per-head attention output gate 2*sigmoid(W x[:12]) (R6)
+    parallel_start: int = 7  # decoder blocks from this index on run attention and MLP in two lanes (R7; 0: off)
+    skip_gates: bool = True  # U-Net skips blended in by learned sigmoid gates (R7) instead of added
+    attn_gate: bool = True  # per-head attention output gate 2*sigmoid(W x[:12]) (R6)
     num_loops: int = 1  # depth recurrence: extra passes through blocks LOOP_START..LOOP_END (0: none)
     loop_start: int = 3
     loop_end: int = 5
@@ -109,8 +109,6 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500
     muon_wd: float = 0.095
     muon_row_normalize: bool = True  # MuonEq-R: each row of the update scaled to unit norm before NS
-    polar_express: bool = False  # Polar Express Newton-Schulz coefficients instead of Muon's fixed ones
-    min_lr: float = 0.0  # floor of the warm-down LR scale (R7/R8)
     adam_wd: float = 0.085  # R8
     beta1: float = 0.9
     beta2: float = 0.95
@@ -126,18 +124,12 @@ class Hyperparameters:
     eval_batch_seqs: int = 32  # windows per forward, per GPU
     eval_max_seconds: float = 600.0  # everything after training; TTT degrades to scoring past it
     ttt_enabled: bool = True
-    ttt_mode: str = "chunk"  # "chunk": global SGD on scored chunks (R3); "lora": per-document LoRA (R6-R8)
     ttt_chunk_tokens: int = 32_768
     ttt_epochs: int = 3
     ttt_lr: float = 0.002
     ttt_momentum: float = 0.9
     ttt_batch_seqs: int = 32
     ttt_grad_clip: float = 1.0
-    ttt_lora_rank: int = 32
-    ttt_lora_lr: float = 1e-4  # AdamW, betas (0, 0.999), weight decay TTT_LORA_WD (R6/R7)
-    ttt_lora_wd: float = 0.5
-    ttt_lora_chunk: int = 64  # tokens scored, then trained on, per adapter step
-    ttt_lora_docs: int = 64  # consecutive documents adapted side by side
 
     @classmethod
     def from_env(cls, environ=os.environ) -> tuple["Hyperparameters", dict[str, str]]:
@@ -171,12 +163,8 @@ class Hyperparameters:
              "NUM_LOOPS must be >= 0; with NUM_LOOPS > 0, 0 <= LOOP_START <= LOOP_END < NUM_LAYERS - 1 "
              "(the last block runs once)"),
             (0.0 <= self.loop_from <= 1.0, "LOOP_FROM must be in [0, 1]"),
-            (self.parallel_start == 0 or self.num_layers // 2 <= self.parallel_start < self.num_layers,
-             "PARALLEL_START must be 0 (off) or a decoder block index (NUM_LAYERS//2 .. NUM_LAYERS-1)"),
-            (self.ttt_mode in ("chunk", "lora"), "TTT_MODE must be 'chunk' or 'lora'"),
-            (self.ttt_mode != "lora" or self.ttt_lora_chunk > 0 and self.ttt_lora_rank > 0 and self.ttt_lora_docs > 0,
-             "TTT_LORA_CHUNK, TTT_LORA_RANK and TTT_LORA_DOCS must be positive"),
-            (0.0 <= self.min_lr <= 1.0, "MIN_LR must be in [0, 1]"),
+            (self.parallel_start >= 0, "PARALLEL_START must be >= 0 (0: off)"),
+            (not self.attn_gate or self.model_dim >= GATE_INPUTS, f"ATTN_GATE needs MODEL_DIM >= {GATE_INPUTS}"),
             (self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be at least 2"),
             (self.train_seq_len % self.eval_stride == 0, "TRAIN_SEQ_LEN must be a multiple of EVAL_STRIDE"),
             (self.ttt_chunk_tokens % self.train_seq_len == 0,
@@ -735,7 +723,7 @@ class GPT(nn.Module):
         decoder_steps = max(len(order) - len(order) // 2 for order in self.orders.values())
         self.skip_weights = nn.Parameter(torch.ones(decoder_steps, model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(decoder_steps, model_dim)) if skip_gates else None
-        self.lane_merge = nn.Parameter(torch.tensor(0.5)) if parallel_start else None
+        self.lane_merge = nn.Parameter(torch.tensor(0.5)) if 0 < parallel_start < num_layers else None
         self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)  # its output is the head's input
         self._init_weights(tied_embed_init_std)
 
@@ -813,29 +801,18 @@ def matmul_flops_per_token(model: GPT, seq_len: int, looping: bool) -> float:
     return 6.0 * matrix + 6.0 * len(order) * seq_len * model.tok_emb.weight.size(1)
 
 
-MUON_NS = (1.0, ((3.4445, -4.7750, 2.0315),) * 5)  # Muon's fixed quintic (Jordan et al. 2024, modded-nanogpt)
-POLAR_EXPRESS_NS = (1.02, (  # per-step coefficients and 2% norm margin (Amsel et al. 2025; modded-nanogpt, R8)
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)))
+def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate orthogonalisation U V^T of g (..., m, n) by a quintic Newton-Schulz iteration in bf16.
 
-
-def newton_schulz(g: torch.Tensor, schedule: tuple = MUON_NS, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate orthogonalisation U V^T of g (..., m, n) by quintic Newton-Schulz steps in bf16:
-    x <- a x + (b A + c A^2) x with A = x x^T, after scaling x to Frobenius norm 1/margin.
-
-    schedule = (margin, ((a, b, c) per step)): MUON_NS or POLAR_EXPRESS_NS."""
-    margin, coefficients = schedule
+    Coefficients (3.4445, -4.7750, 2.0315) from Muon (Jordan et al. 2024, modded-nanogpt)."""
     x = g.bfloat16()
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * margin + eps)
-    for a, b, c in coefficients:
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        a = x @ x.mT
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * (a @ a)) @ x
     return x.mT if transposed else x
 
 
@@ -846,14 +823,13 @@ class Muon(torch.optim.Optimizer):
     scaled by sqrt(max(1, rows/cols)); p -= lr*wd*p + lr*update. Equal shapes are orthogonalised in one
     batched call; with several ranks, rank r does every world_size-th parameter of each shape and one
     all-reduce shares the updates. row_normalize (MuonEq-R, R7/R8) first scales each row of the
-    Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation.
-    ns_schedule picks the Newton-Schulz coefficients (`newton_schulz`)."""
+    Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, rt: Runtime,
-                 row_normalize: bool = False, ns_schedule: tuple = MUON_NS):
+                 row_normalize: bool = False):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.rt, self.row_normalize, self.ns_schedule = rt, row_normalize, ns_schedule
-        self.orthogonalize = maybe_compile(newton_schulz, rt.device)
+        self.rt, self.row_normalize = rt, row_normalize
+        self.orthogonalize = maybe_compile(newton_schulz5, rt.device)
 
     @torch.no_grad()
     def step(self):
@@ -875,7 +851,7 @@ class Muon(torch.optim.Optimizer):
                 nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=momentum))
                 if self.row_normalize:
                     nesterov = nesterov / nesterov.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                update = self.orthogonalize(nesterov, self.ns_schedule) * max(1.0, shape[0] / shape[1]) ** 0.5
+                update = self.orthogonalize(nesterov) * max(1.0, shape[0] / shape[1]) ** 0.5
                 for j, i in enumerate(mine):
                     flat[offsets[i] : offsets[i + 1]] = update[j].flatten()
             all_reduce(flat, self.rt)
@@ -893,8 +869,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     adam = torch.optim.AdamW([dict(params=embeddings, lr=args.embed_lr, weight_decay=args.adam_wd),
                               dict(params=scalars, lr=args.scalar_lr, weight_decay=0.0)],
                              betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=rt.device.type == "cuda")
-    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_wd, rt, args.muon_row_normalize,
-                POLAR_EXPRESS_NS if args.polar_express else MUON_NS)
+    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_wd, rt, args.muon_row_normalize)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -906,9 +881,9 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
 # ----------------------------------------------------------------------------------------------
 
 
-def lr_scale(progress: float, warmdown_frac: float, min_lr: float = 0.0) -> float:
-    """1 until the last `warmdown_frac` of training, then linear to `min_lr` at progress 1 (progress in [0, 1])."""
-    return 1.0 if warmdown_frac <= 0.0 else max(min_lr, min(1.0, (1.0 - progress) / warmdown_frac))
+def lr_scale(progress: float, warmdown_frac: float) -> float:
+    """1 until the last `warmdown_frac` of training, then linear to 0 at progress 1 (progress in [0, 1])."""
+    return 1.0 if warmdown_frac <= 0.0 else max(0.0, min(1.0, (1.0 - progress) / warmdown_frac))
 
 
 class EMA:
@@ -1012,7 +987,7 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
     t0 = time.perf_counter()
     n, loss, elapsed, flops, progress = 0, torch.zeros(()), 0.0, 0.0, 0.0
     while n < args.iterations:
-        scale = lr_scale(progress, args.warmdown_frac, args.min_lr)
+        scale = lr_scale(progress, args.warmdown_frac)
         frac = min(n / max(1, args.muon_momentum_warmup_steps), 1.0)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -1464,104 +1439,6 @@ def ttt_step(model: GPT, model_fn, opt, params, tokens: torch.Tensor, seq_starts
     opt.zero_grad(set_to_none=True)
 
 
-class BatchedLoRA(nn.Module):
-    """Low-rank adapters of one linear layer, one per document (LoRA, Hu et al. 2021; per-document TTT
-    adapters as in R6-R8): x (rows, T, in) -> (x @ a[rows]) @ b[rows], (rows, T, out). `reset` gives every
-    document the same start: a (docs, in, rank) uniform in +-1/sqrt(in) from a fixed seed, b (docs, rank,
-    out) zero, so a fresh adapter changes nothing."""
-
-    def __init__(self, docs: int, fan_in: int, fan_out: int, rank: int, device: torch.device):
-        super().__init__()
-        bound, gen = fan_in**-0.5, torch.Generator().manual_seed(fan_in * 7919 + fan_out)
-        self.a0 = (torch.rand(fan_in, rank, generator=gen) * 2 * bound - bound).to(device)
-        self.a = nn.Parameter(torch.empty(docs, fan_in, rank, device=device))
-        self.b = nn.Parameter(torch.empty(docs, rank, fan_out, device=device))
-        self.reset()
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        self.a.copy_(self.a0.expand_as(self.a))
-        self.b.zero_()
-
-    def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return (x @ self.a[rows].to(x.dtype)) @ self.b[rows].to(x.dtype)
-
-
-def document_spans(tokens: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(starts, lengths), int64 on CPU, of the documents of the target stream in stream order: a document
-    starts at position 0 and at every BOS and owns the targets whose input token it holds, so the spans
-    partition targets 0..n-1 (tokens (n+1,), target j = tokens[j+1])."""
-    n = tokens.numel() - 1
-    starts = torch.unique(torch.cat((torch.zeros(1, dtype=torch.int64), (tokens[:n].cpu() == bos_id).nonzero().flatten())))
-    return starts, torch.diff(starts, append=torch.tensor([n]))
-
-
-def evaluate_lora_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters,
-                      rt: Runtime, log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
-    """Score-first test-time training with per-document LoRA adapters, documents independent (R6-R8).
-
-    Consecutive documents of the stream (never reordered) are adapted side by side, TTT_LORA_DOCS at a
-    time, each with fresh adapters (rank TTT_LORA_RANK on every block linear layer) and fresh AdamW state.
-    A document is read in chunks of TTT_LORA_CHUNK targets; chunk k is scored with up to TRAIN_SEQ_LEN
-    tokens of its own document as context, its losses are recorded, and only then (unless it is the
-    document's last chunk) one AdamW step on that chunk's loss updates that document's adapters. So every
-    target is scored once, before any update that saw it, and no document's score depends on another
-    document. Past `deadline` (projected), the remaining groups are scored without adaptation."""
-    n, seq_len, chunk, docs = tokens.numel() - 1, args.train_seq_len, args.ttt_lora_chunk, args.ttt_lora_docs
-    starts, lengths = document_spans(tokens, model.bos_id)
-    num_groups = (len(starts) + docs - 1) // docs
-    board, device = ScoreBoard(n, rt.device), rt.device
-    for p in model.parameters():
-        p.requires_grad_(False)
-    adapters, rows_now = {}, {}
-    for name, m in model.blocks.named_modules():
-        if isinstance(m, nn.Linear):
-            adapters[name] = BatchedLoRA(docs, m.in_features, m.out_features, args.ttt_lora_rank, device)
-            m.register_forward_hook(lambda _m, inp, out, lora=adapters[name]: out + lora(inp[0], rows_now["rows"]))
-    params = [p for lora in adapters.values() for p in lora.parameters()]
-    t0, training, trained_groups, offsets = time.perf_counter(), True, 0, torch.arange(seq_len, device=device)
-    my_groups = range(rt.rank, rt.world_size * math.ceil(num_groups / rt.world_size), rt.world_size)
-    for done, g in enumerate(my_groups):
-        per_group = (time.perf_counter() - t0) / max(done, 1)  # a scored-only group costs about a third
-        projected = time.perf_counter() + per_group * (1 + (len(my_groups) - done - 1) / 3)
-        decision = torch.tensor(float(training and trained_groups > 0 and projected > deadline), device=device)
-        if training and all_reduce(decision, rt, dist.ReduceOp.MAX).item() > 0:
-            training = False
-            log(f"ttt_deadline: adaptation stops after {trained_groups} document groups per rank "
-                f"(EVAL_MAX_SECONDS={args.eval_max_seconds})")
-        if g >= num_groups:
-            continue
-        s, length = starts[g * docs : (g + 1) * docs].to(device), lengths[g * docs : (g + 1) * docs].to(device)
-        for lora in adapters.values():
-            lora.reset()
-        opt = torch.optim.AdamW(params, lr=args.ttt_lora_lr, betas=(0.0, 0.999), weight_decay=args.ttt_lora_wd)
-        num_chunks = (length + chunk - 1) // chunk
-        for k in range(int(num_chunks.max())):
-            rows = (num_chunks > k).nonzero().flatten()
-            hi = (k + 1) * chunk
-            lo = max(0, hi - seq_len)
-            pos = s[rows, None] + lo + offsets[: hi - lo]  # input positions, (rows, ctx)
-            scored = (pos >= s[rows, None] + k * chunk) & (pos < (s + length)[rows, None])
-            rows_now["rows"] = rows
-            learn = training and bool((num_chunks[rows] > k + 1).any())
-            with torch.set_grad_enabled(learn), autocast(device), sdpa_preference(device):
-                nll = model(tokens[pos.clamp_max(n - 1)], tokens[(pos + 1).clamp_max(n)], "none").float()
-            board.add(pos[scored], nll.detach()[scored])
-            if learn:
-                weight = scored & (num_chunks[rows] > k + 1)[:, None]
-                ((nll * weight).sum(1) / scored.sum(1).clamp_min(1)).sum().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        trained_groups += training
-    for m in model.blocks.modules():
-        m._forward_hooks.clear()
-    synchronize(device)
-    loss, bpb = board.finalize(bytes_per_target, rt)
-    log(f"ttt_lora documents {len(starts)} groups {num_groups} adapted_groups_per_rank {trained_groups} "
-        f"time {time.perf_counter() - t0:.1f}s")
-    return loss, bpb, board
-
-
 def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime) -> None:
     """Compile the scoring and TTT graphs on random tokens (never validation tokens); weights unchanged."""
     if rt.device.type != "cuda":
@@ -1570,7 +1447,7 @@ def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime
     with torch.inference_mode(), autocast(rt.device), sdpa_preference(rt.device):
         x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len), device=rt.device)
         model_fn(x, x, "none", model.segments(x))
-    if args.ttt_enabled and args.ttt_mode == "chunk":
+    if args.ttt_enabled:
         rank_seqs = math.ceil(min(args.ttt_batch_seqs, args.ttt_chunk_tokens // seq_len) / rt.world_size)
         x = torch.randint(0, vocab, (rank_seqs, seq_len), device=rt.device)
         with autocast(rt.device), sdpa_preference(rt.device):
@@ -1669,10 +1546,7 @@ def main() -> int:
         f"eval_time {time.perf_counter() - t_eval:.1f}s")
     summary.update(sliding_val_bpb=round(bpb, 6))
     if args.ttt_enabled:
-        if args.ttt_mode == "lora":
-            loss, bpb, board = evaluate_lora_ttt(model, val_tokens, bytes_per_target, args, rt, log, deadline)
-        else:
-            loss, bpb, board = evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log, deadline)
+        loss, bpb, board = evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log, deadline)
         log(f"final ttt val_loss {loss:.6f} val_bpb {bpb:.6f}")
         summary.update(ttt_val_bpb=round(bpb, 6))
     eval_seconds = time.perf_counter() - t_eval

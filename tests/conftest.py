@@ -112,7 +112,7 @@ def tiny_config(vocab_size: int = 320, **overrides) -> dict:
     config = dict(vocab_size=vocab_size, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=3.0,
                   rope_dims=8, rope_base=10000.0, qk_gain_init=1.5, xsa_last_n=2, bigram_buckets=64, bigram_dim=16,
                   logit_softcap=30.0, tied_embed_init_std=0.005, num_loops=0, loop_start=0, loop_end=0,
-                  doc_mask=False, parallel_start=0, skip_gates=False, attn_gate=False, max_seq_len=64, bos_id=BOS)
+                  doc_mask=False, parallel_start=1, skip_gates=True, attn_gate=True, max_seq_len=64, bos_id=BOS)
     config.update(overrides)
     assert set(config) == set(tg.MODEL_FIELDS) | {"max_seq_len", "bos_id"}
     return config

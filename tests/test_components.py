@@ -18,12 +18,6 @@ def test_lr_scale(progress, frac, expected):
     assert tg.lr_scale(progress, frac) == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("progress, expected", [(0.0, 1.0), (0.7, 0.5), (0.9, 0.2), (0.95, 0.2), (1.0, 0.2)])
-def test_lr_scale_floor(progress, expected):
-    """MIN_LR: the warm-down stops at the floor instead of 0."""
-    assert tg.lr_scale(progress, 0.6, min_lr=0.2) == pytest.approx(expected, abs=1e-12)
-
-
 def test_ema_update_and_copy():
     """shadow <- decay * shadow + (1 - decay) * p, in fp32; copy_to_model writes the shadow back."""
     model = torch.nn.Linear(3, 2)
@@ -41,9 +35,8 @@ def test_ema_update_and_copy():
     assert torch.allclose(model.bias, torch.full((2,), -1.75))
 
 
-@pytest.mark.parametrize("schedule", [tg.MUON_NS, tg.POLAR_EXPRESS_NS])
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (3, 48, 48)])
-def test_newton_schulz_orthogonalises(shape, schedule):
+def test_newton_schulz_orthogonalises(shape):
     """NS5 maps a matrix to (roughly) U V^T: same shape, singular values pulled near 1 (Muon's 0.5-1.5
     band), singular vectors kept (positive alignment with the input). Inputs have singular values
     spread over a factor 25 (five quintic steps cannot lift much smaller ones)."""
@@ -54,7 +47,7 @@ def test_newton_schulz_orthogonalises(shape, schedule):
     k = min(m, n)
     s = torch.exp(torch.linspace(math.log(0.2), math.log(5.0), k)).expand(*batch, k)
     g = u[..., :k] @ torch.diag_embed(s) @ v[..., :k].mT
-    x = tg.newton_schulz(g, schedule).float()
+    x = tg.newton_schulz5(g).float()
     assert x.shape == g.shape
     s = torch.linalg.svdvals(x)
     assert float(s.min()) > 0.4 and float(s.max()) < 1.6
@@ -81,7 +74,7 @@ def test_muon_row_normalize_equilibrates_rows(row_normalize):
     if row_normalize:
         torch.testing.assert_close(plain, scaled, atol=2e-3, rtol=0)
         nesterov = 1.5 * grad
-        expected = -0.1 * tg.newton_schulz(nesterov / nesterov.norm(dim=-1, keepdim=True)).float()
+        expected = -0.1 * tg.newton_schulz5(nesterov / nesterov.norm(dim=-1, keepdim=True)).float()
         torch.testing.assert_close(plain, expected, atol=1e-3, rtol=0)
     else:
         assert (plain - scaled).abs().max() > 10 * 2e-3  # ten times the tolerance above

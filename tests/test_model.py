@@ -55,8 +55,9 @@ def test_gpt_loss_outputs():
 @torch.no_grad()
 def test_residual_stream_follows_autocast():
     """Under bf16 autocast every block reads and writes a bf16 residual stream (the records' dtype,
-    half the memory traffic of fp32); without autocast it stays fp32, and the loss is fp32 either way."""
-    model = tiny_model(seed=5, num_loops=1)
+    half the memory traffic of fp32); without autocast it stays fp32, and the loss is fp32 either way.
+    (Sequential blocks here, so every block runs its forward; the parallel lanes are checked at the head.)"""
+    model = tiny_model(seed=5, num_loops=1, parallel_start=0)
     seen = []
     for block in model.blocks:
         block.register_forward_hook(lambda _m, inputs, out: seen.append((inputs[0].dtype, inputs[1].dtype, out.dtype)))
@@ -68,6 +69,12 @@ def test_residual_stream_follows_autocast():
         loss = model(x, y)
     assert loss.dtype == torch.float32
     assert len(seen) == len(model.orders[True]) and set(seen) == {(torch.bfloat16,) * 3}
+    lanes = tiny_model(seed=5, num_loops=1)
+    head_input = []
+    lanes.final_norm.register_forward_hook(lambda _m, inputs, _out: head_input.append(inputs[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lanes(x, y)
+    assert lanes.lane_merge is not None and head_input == [torch.bfloat16]
 
 
 # ----------------------------------------------------------------------------------------------
