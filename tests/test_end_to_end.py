@@ -13,17 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TRAIN_GPT, script_env, tg, tiny_model_env
+from conftest import TINY_ENV, TRAIN_GPT, script_env, tg, tiny_model_env
 
 CODE = TRAIN_GPT.read_bytes()
-SEQ = 64
-
-TINY_ENV = dict(
-    TRAIN_SEQ_LEN=str(SEQ), TRAIN_BATCH_TOKENS="1024",
-    MICRO_BATCH_TOKENS="1024", ITERATIONS="20", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="60",
-    GPTQ_RESERVE_SECONDS="1", GPTQ_CALIB_BATCHES="2", EVAL_STRIDE="32", EVAL_BATCH_SEQS="8",
-    TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4", EMA_DECAY="0.9", SCORES_PATH="scores.npy",
-)
+SEQ = int(TINY_ENV["TRAIN_SEQ_LEN"])
 
 
 def run_script(cwd, env) -> subprocess.CompletedProcess:
