@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import difflib
 import glob
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
 import platform
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -147,11 +152,14 @@ class Hyperparameters:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent setting."""
-        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_batch_tokens",
-                     "train_seq_len", "micro_batch_tokens", "eval_stride", "eval_batch_seqs", "ttt_chunk_tokens",
-                     "ttt_batch_seqs", "log_every", "iterations"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                    "train_batch_tokens", "train_seq_len", "micro_batch_tokens", "eval_stride", "eval_batch_seqs",
+                    "ttt_chunk_tokens", "ttt_batch_seqs", "log_every", "iterations")
+        for name in positive + ("matrix_lr", "embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
+                                "grad_accum_steps", "gptq_calib_batches", "warmup_steps", "ttt_epochs"):
+            value = getattr(self, name)
+            if value < 0 or (value == 0 and name in positive):
+                raise ValueError(f"{name.upper()} must be {'positive' if name in positive else '>= 0'}, got {value}")
         checks = [
             (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
             (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
@@ -254,7 +262,7 @@ def maybe_compile(module, device: torch.device):
 
 
 class Logger:
-    """Prints on rank 0 and appends every line to the log file (truncated at start)."""
+    """Prints on rank 0 and appends every line to the log file (truncated when made: after main()'s input checks)."""
 
     def __init__(self, path: str, enabled: bool):
         self.path, self.enabled = path, enabled
@@ -269,6 +277,24 @@ class Logger:
             f.write(msg + "\n")
 
 
+def atomic_write(path: str, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place (os.replace): a crash, a kill
+    or a full disk leaves the earlier file or none under `path`, never a truncated one. Raises OSError."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def interrupt_on_signal(signum: int, _frame) -> None:
+    """SIGTERM/SIGINT handler: raise KeyboardInterrupt(signal name), which main() logs as the run's end."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runtime, code: bytes) -> None:
     log(f"run_start {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     log(f"code_sha256 {hashlib.sha256(code).hexdigest()} code_bytes {len(code)}")
@@ -281,6 +307,10 @@ def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runt
     log(f"world_size {rt.world_size} device {rt.device} attention {backend}")
     log("env_overrides " + (" ".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "(none)"))
     log("hyperparameters " + json.dumps(asdict(args), sort_keys=True))
+    names = [f.name.upper() for f in fields(Hyperparameters)]
+    for var in sorted(k for k in os.environ if k.isupper() and k not in names):  # a misspelled setting is ignored
+        for name in difflib.get_close_matches(var, names, 1, 0.85):
+            log(f"WARNING: {var} is not a setting and is ignored; did you mean {name}?")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,6 +431,18 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
         raise ValueError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
                          "set VOCAB_SIZE to match, or use the tokenizer the shards were made with")
     return sp
+
+
+def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, tokenizer_path: str, data_path: str):
+    """ValueError unless `sp` re-encodes the decoded text of the first 200 complete documents (BOS to next
+    BOS) of `tokens` into the same ids. Catches shards made with another tokenizer of the same vocabulary
+    size (a wrong bpb otherwise); exact on the stand-in data (0 of 7,680 documents differ, either vocabulary)."""
+    bos = np.flatnonzero(tokens == sp.bos_id())[:201]
+    docs = [tokens[a + 1 : b].tolist() for a, b in zip(bos[:-1], bos[1:])]
+    differ = sum(again != ids for again, ids in zip(sp.encode(sp.decode(docs)), docs))
+    if differ:
+        raise ValueError(f"the shards in {data_path} were not made with tokenizer {tokenizer_path}: {differ} of "
+                         f"{len(docs)} documents re-encode to other ids; set TOKENIZER_PATH to the shards' tokenizer")
 
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -685,7 +727,10 @@ class SmearGate(nn.Module):
 
 def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int) -> list[int]:
     """Block indices in the order they run: blocks loop_start..loop_end repeat 1 + num_loops times
-    (depth recurrence, R6-R8: 11 blocks with 3..5 given two extra passes run as 17 virtual layers)."""
+    (depth recurrence, R6-R8: 11 blocks with 3..5 given two extra passes run as 17 virtual layers);
+    num_loops == 0 ignores the loop range."""
+    if num_loops == 0:
+        return list(range(num_layers))
     looped = list(range(loop_start, loop_end + 1)) * (1 + num_loops)
     return list(range(loop_start)) + looped + list(range(loop_end + 1, num_layers))
 
@@ -926,6 +971,16 @@ def global_mean(x: torch.Tensor, rt: Runtime) -> float:
     return all_reduce(x.detach().float().clone().to(rt.device), rt).item() / rt.world_size
 
 
+def finite_loss(loss: torch.Tensor, step: int, rt: Runtime, weights: list[torch.Tensor] = ()) -> float:
+    """global_mean of the training loss; FloatingPointError if it or any of `weights` holds nan/inf. Called
+    where the loss is synced anyway (every LOG_EVERY steps; at the end with the EMA weights)."""
+    value, bad_weights = global_mean(loss, rt), not all(bool(w.isfinite().all()) for w in weights)
+    if bad_weights or not math.isfinite(value):
+        raise FloatingPointError(f"train_loss {value}{' and nan/inf weights' if bad_weights else ''} at step {step}: "
+                                 "training diverged; lower the learning rates (MATRIX_LR, EMBED_LR, SCALAR_LR)")
+    return value
+
+
 def wrap_for_training(model: GPT, rt: Runtime) -> nn.Module:
     """torch.compile (GPU), then DistributedDataParallel when several ranks run."""
     compiled = maybe_compile(model, rt.device)
@@ -1012,12 +1067,12 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
             model.looping = True
             log(f"depth_recurrence on at step {n} passes {len(model.orders[True])} (from {len(model.orders[False])})")
         if n % args.log_every == 0:
-            log(f"step {n} train_loss {global_mean(loss, rt):.4f} lr_scale {scale:.3f} train_time {elapsed:.1f}s "
+            log(f"step {n} train_loss {finite_loss(loss, n, rt):.4f} lr_scale {scale:.3f} train_time {elapsed:.1f}s "
                 f"step_avg {1000 * elapsed / n:.1f}ms tflops_per_gpu {flops / elapsed / rt.world_size / 1e12:.0f}")
     synchronize(rt.device)
     elapsed = time.perf_counter() - t0
     model.looping = args.num_loops > 0  # the exported model always runs its extra passes
-    result = TrainResult(n, elapsed, 1000 * elapsed / max(n, 1), global_mean(loss, rt))
+    result = TrainResult(n, elapsed, 1000 * elapsed / max(n, 1), finite_loss(loss, n, rt, ema.shadow))
     log(f"train_end steps {n} train_loss {result.last_loss:.4f} loop_time {elapsed:.1f}s step_avg {result.step_ms:.1f}ms "
         f"tflops_per_gpu {flops / elapsed / rt.world_size / 1e12:.0f}")
     return result, ema
@@ -1248,11 +1303,15 @@ def pack_artifact(config: dict, entries: dict[str, dict]) -> bytes:
     return zstandard.ZstdCompressor(level=22).compress(serialize_artifact(config, entries))
 
 
-def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, dict]]:
-    """Inverse of pack_artifact -> (model config, entries). ValueError if the blob is not an artifact."""
-    raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31)
+def unpack_artifact(blob: bytes, source: str = "blob") -> tuple[dict, dict[str, dict]]:
+    """Inverse of pack_artifact -> (model config, entries). ValueError naming `source` (the file) if the
+    blob is truncated or not an artifact."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"{source} is truncated or not a train_gpt.py artifact (zstd: {e})") from None
     if not raw.startswith(ARTIFACT_MAGIC):
-        raise ValueError("not a train_gpt.py artifact (bad magic)")
+        raise ValueError(f"{source} is not a train_gpt.py artifact (bad magic)")
     head_len = int.from_bytes(raw[-8:], "little")
     header = json.loads(raw[-8 - head_len : -8])
     payload = memoryview(raw)[len(ARTIFACT_MAGIC) : -8 - head_len]
@@ -1267,7 +1326,7 @@ def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, dict]]:
 def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
     """Build a fresh GPT from the artifact file alone (config + dequantized weights)."""
     with open(path, "rb") as f:
-        config, entries = unpack_artifact(f.read())
+        config, entries = unpack_artifact(f.read(), path)
     model = GPT(**config)
     model.load_state_dict(dequantize_entries(entries), strict=True)
     return model.to(device), config
@@ -1461,17 +1520,72 @@ def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime
 # ----------------------------------------------------------------------------------------------
 
 
+def check_outputs(args: Hyperparameters, log_path: str) -> None:
+    """Pre-flight, before any data is read: create each output's folder, write a scratch file there, require
+    16 MB free; with EVAL_ONLY, refuse a LOG_PATH holding a training log and read the artifact.
+    Raises OSError naming the variable, ValueError or FileNotFoundError."""
+    outputs = {"LOG_PATH": log_path, "SCORES_PATH": args.scores_path} | (
+        {} if args.eval_only else {"ARTIFACT": args.artifact, "SUBMISSION_PATH": args.submission_path})
+    for var, path in ((var, path) for var, path in outputs.items() if path):
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            if os.path.isdir(path):
+                raise IsADirectoryError("it is a folder")
+            os.makedirs(folder, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+            if shutil.disk_usage(folder).free < ARTIFACT_LIMIT_BYTES:
+                raise OSError(f"less than {ARTIFACT_LIMIT_BYTES} bytes free")
+        except OSError as e:
+            raise OSError(f"{var}={path!r} cannot be written: {e}") from None
+    if args.eval_only:
+        if os.path.isfile(log_path) and "\ntrain_start " in open(log_path, encoding="utf-8", errors="replace").read():
+            raise ValueError(f"LOG_PATH={log_path!r} holds a training log, which EVAL_ONLY would overwrite; "
+                             "set LOG_PATH to another file")
+        if not os.path.isfile(args.artifact):
+            raise FileNotFoundError(f"EVAL_ONLY=1 needs an artifact; {args.artifact!r} does not exist (set ARTIFACT)")
+        unpack_artifact(open(args.artifact, "rb").read(), args.artifact)
+
+
 def main() -> int:
+    """Check outputs, tokenizer and data; then delete stale outputs, open the log (ending `run_end status=ok|over_limit|
+    killed signal=NAME|error ...`) and run. Returns 0, 1 (over a limit) or 128 + signal (killed); errors re-raise."""
     code = open(__file__, "rb").read()
     args, overrides = Hyperparameters.from_env()
     rt = init_runtime()
-    log = Logger(args.log_path or ("eval_log.txt" if args.eval_only else "train_log.txt"), rt.is_main)
-    log_run_header(log, args, overrides, rt, code)
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-
+    log_path = args.log_path or ("eval_log.txt" if args.eval_only else "train_log.txt")
+    check_outputs(args, log_path)
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     val_tokens = load_validation_tokens(os.path.join(args.data_path, "fineweb_val_*.bin"), args.train_seq_len,
                                         args.vocab_size)
+    check_tokenizer_matches(sp, val_tokens.numpy(), args.tokenizer_path, args.data_path)
+    loader, accum = None, 0
+    if not args.eval_only:
+        accum = grad_accum_steps(args, rt)
+        seqs = args.train_batch_tokens // (rt.world_size * accum * args.train_seq_len)
+        loader = TokenLoader(os.path.join(args.data_path, "fineweb_train_*.bin"), args.train_seq_len, seqs, rt,
+                             args.seed, args.vocab_size)
+    for stale in [args.scores_path] + ([] if args.eval_only else [args.submission_path]):
+        if rt.is_main and stale and os.path.exists(stale):
+            os.remove(stale)  # no earlier run's results may sit beside this run's artifact
+    log = Logger(log_path, rt.is_main)
+    log_run_header(log, args, overrides, rt, code)
+    try:
+        status = run(args, rt, log, code, sp, val_tokens, loader, accum)
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through interrupt_on_signal
+        name = e.args[0] if e.args else "SIGINT"
+        log(f"run_end status=killed signal={name}")
+        return 128 + signal.Signals[name]
+    except BaseException as e:
+        log(f"run_end status=error {type(e).__name__}: {e}")
+        raise
+    log(f"run_end status={'ok' if status == 0 else 'over_limit'}")
+    return status
+
+
+def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.SentencePieceProcessor,
+        val_tokens: torch.Tensor, loader: TokenLoader | None, accum: int) -> int:
+    """Train (unless EVAL_ONLY), write the artifact, reload and score it, write outputs; 1 if over a limit, else 0."""
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
     bytes_per_target = target_bytes(val_tokens, byte_tables(sp))
     val_tokens = val_tokens.to(rt.device)
     log(f"val_tokens {val_tokens.numel() - 1} val_bytes {int(bytes_per_target.sum())}")
@@ -1481,10 +1595,6 @@ def main() -> int:
     if not args.eval_only:
         model = GPT(**model_config(args, sp.bos_id())).to(rt.device)
         log(f"model_params {sum(p.numel() for p in model.parameters())}")
-        accum = grad_accum_steps(args, rt)
-        seqs = args.train_batch_tokens // (rt.world_size * accum * args.train_seq_len)
-        loader = TokenLoader(os.path.join(args.data_path, "fineweb_train_*.bin"), args.train_seq_len, seqs, rt,
-                             args.seed, args.vocab_size)
         budget = args.max_wallclock_seconds - args.gptq_reserve_seconds
         result, ema = train(args, model, loader, rt, accum, log, budget)
         t_gptq = time.perf_counter()  # GPTQ reads training data, so it counts as training time
@@ -1497,10 +1607,12 @@ def main() -> int:
         synchronize(rt.device)
         gptq_seconds = time.perf_counter() - t_gptq
         train_seconds = result.loop_seconds + gptq_seconds
+        train_ok = train_seconds <= args.max_wallclock_seconds
         log(f"gptq hessians {len(hessians)} calib_batches {args.gptq_calib_batches} gptq_time {gptq_seconds:.1f}s "
             f"train_seconds {train_seconds:.1f}s "
-            f"(limit {args.max_wallclock_seconds:.0f}s {'OK' if train_seconds <= args.max_wallclock_seconds else 'OVER'})")
-        summary.update(steps=result.steps, step_ms=round(result.step_ms, 2), train_seconds=round(train_seconds, 1))
+            f"(limit {args.max_wallclock_seconds:g}s {'OK' if train_ok else 'OVER'})")
+        summary.update(steps=result.steps, step_ms=round(result.step_ms, 2), train_seconds=round(train_seconds, 1),
+                       train_within_limit=train_ok)
 
         t_eval = time.perf_counter()  # from here on everything counts as evaluation time
         if rt.is_main:
@@ -1509,8 +1621,7 @@ def main() -> int:
                 log(f"artifact {len(blob)} bytes > {max_bytes}: re-quantizing with a smaller target")
                 entries, alpha = quantize_to_fit(groups, small, config, max_bytes * max_bytes // len(blob))
                 blob = pack_artifact(config, entries)
-            with open(args.artifact, "wb") as f:
-                f.write(blob)
+            atomic_write(args.artifact, blob)
             log(f"artifact written in {time.perf_counter() - t_eval:.1f}s step_scale {alpha:.4f}")
             del groups, small, entries
         if rt.distributed:
@@ -1521,8 +1632,6 @@ def main() -> int:
         summary.update(pre_quant_val_bpb=round(bpb, 6))
         del model, model_fn, ema, hessians
     else:
-        if not os.path.isfile(args.artifact):
-            raise FileNotFoundError(f"EVAL_ONLY=1 needs an artifact; {args.artifact!r} does not exist (set ARTIFACT)")
         t_eval = time.perf_counter()
     deadline = t_eval + args.eval_max_seconds
 
@@ -1533,6 +1642,9 @@ def main() -> int:
         f"(limit {ARTIFACT_LIMIT_BYTES}: {'OK' if fits else 'OVER THE LIMIT'})")
 
     model, config = load_artifact_model(args.artifact, rt.device)
+    log("artifact_config " + json.dumps(config, sort_keys=True))
+    for key in (k for k, v in config.items() if getattr(args, k, v) != v):
+        log(f"WARNING: {key.upper()}={getattr(args, key)} differs from the artifact's {config[key]}, which is used")
     if config["vocab_size"] != args.vocab_size or config["max_seq_len"] != args.train_seq_len:
         raise ValueError(f"artifact was built for vocab {config['vocab_size']} / seq_len {config['max_seq_len']}; "
                          "set VOCAB_SIZE and TRAIN_SEQ_LEN to match")
@@ -1550,27 +1662,33 @@ def main() -> int:
         log(f"final ttt val_loss {loss:.6f} val_bpb {bpb:.6f}")
         summary.update(ttt_val_bpb=round(bpb, 6))
     eval_seconds = time.perf_counter() - t_eval
-    log(f"eval_seconds {eval_seconds:.1f} (limit {args.eval_max_seconds:.0f}s "
-        f"{'OK' if eval_seconds <= args.eval_max_seconds else 'OVER'})")
+    eval_ok = eval_seconds <= args.eval_max_seconds
+    log(f"eval_seconds {eval_seconds:.1f} (limit {args.eval_max_seconds:g}s {'OK' if eval_ok else 'OVER'})")
     log(f"final val_loss {loss:.6f} val_bpb {bpb:.6f} bytes_total {bytes_total}")
 
     if rt.is_main:
-        if args.scores_path:
-            np.save(args.scores_path, board.nll.cpu().numpy().astype(np.float32))
-        if not args.eval_only:
+        if not args.eval_only:  # allow_nan=False: a nan/inf score raises instead of writing invalid JSON
             summary = {"name": SUBMISSION_NAME, "val_bpb": round(bpb, 6), "val_loss": round(loss, 6),
                        "bytes_total": bytes_total, "bytes_code": bytes_code, "bytes_model": bytes_model,
-                       "eval_seconds": round(eval_seconds, 1), **summary, "date": datetime.date.today().isoformat()}
-            with open(args.submission_path, "w", encoding="utf-8") as f:
-                f.write(json.dumps(summary, indent=2) + "\n")
+                       "eval_seconds": round(eval_seconds, 1), "eval_within_limit": eval_ok, **summary,
+                       "date": datetime.date.today().isoformat()}
+            atomic_write(args.submission_path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+        if args.scores_path:
+            np.save(buffer := io.BytesIO(), board.nll.cpu().numpy().astype(np.float32))
+            atomic_write(args.scores_path, buffer.getvalue())
     if rt.distributed:
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
-    if not fits:
-        log(f"ERROR: artifact is {bytes_total} bytes, not under the {ARTIFACT_LIMIT_BYTES}-byte cap")
-        return 1
-    return 0
+    train_ok = summary.get("train_within_limit", True)  # EVAL_ONLY: nothing trained
+    for ok, message in ((fits, f"artifact is {bytes_total} bytes, not under the {ARTIFACT_LIMIT_BYTES}-byte cap"),
+                        (train_ok, f"training took longer than MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g}s"),
+                        (eval_ok, f"evaluation took longer than EVAL_MAX_SECONDS={args.eval_max_seconds:g}s")):
+        if not ok:
+            log(f"ERROR: {message}")
+    return 0 if fits and train_ok and eval_ok else 1
 
 
 if __name__ == "__main__":
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, interrupt_on_signal)
     sys.exit(main())

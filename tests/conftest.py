@@ -141,6 +141,15 @@ def tiny_model(seed: int = 0, std: float = 0.05, **overrides) -> tg.GPT:
     return perturb(model, seed + 1, std).eval()
 
 
+# A few seconds of training and evaluation on CPU with the tiny model (plus tiny_model_env()).
+TINY_ENV = dict(
+    TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024",
+    MICRO_BATCH_TOKENS="1024", ITERATIONS="20", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="60",
+    GPTQ_RESERVE_SECONDS="1", GPTQ_CALIB_BATCHES="2", EVAL_STRIDE="32", EVAL_BATCH_SEQS="8",
+    TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4", EMA_DECAY="0.9", SCORES_PATH="scores.npy",
+)
+
+
 def script_env(**overrides: str) -> dict[str, str]:
     """Environment for running train_gpt.py as a subprocess: the current one without any
     hyperparameter or torchrun variables (so the caller's shell cannot leak in), plus overrides."""

@@ -13,17 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TRAIN_GPT, script_env, tg, tiny_model_env
+from conftest import TINY_ENV, TRAIN_GPT, script_env, tg, tiny_model_env
 
 CODE = TRAIN_GPT.read_bytes()
-SEQ = 64
-
-TINY_ENV = dict(
-    TRAIN_SEQ_LEN=str(SEQ), TRAIN_BATCH_TOKENS="1024",
-    MICRO_BATCH_TOKENS="1024", ITERATIONS="20", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="60",
-    GPTQ_RESERVE_SECONDS="1", GPTQ_CALIB_BATCHES="2", EVAL_STRIDE="32", EVAL_BATCH_SEQS="8",
-    TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4", EMA_DECAY="0.9", SCORES_PATH="scores.npy",
-)
+SEQ = int(TINY_ENV["TRAIN_SEQ_LEN"])
 
 
 def run_script(cwd, env) -> subprocess.CompletedProcess:
@@ -59,8 +52,9 @@ def training_run(tmp_path_factory, tokenizer, data_dir):
 @pytest.fixture(scope="module")
 def eval_only_run(training_run):
     cwd, env = training_run
+    # MLP_MULT differs from the artifact's 16.5: the artifact's configuration is used, and the log says so
     run_script(cwd, {**env, "EVAL_ONLY": "1", "ARTIFACT": str(cwd / "final_model.int6.ptz"),
-                     "SCORES_PATH": "scores2.npy"})
+                     "SCORES_PATH": "scores2.npy", "MLP_MULT": "3"})
     return cwd
 
 
@@ -85,6 +79,8 @@ def test_outputs_and_submission(training_run):
     assert sub["bytes_model"] == artifact.stat().st_size
     assert sub["bytes_total"] == sub["bytes_code"] + sub["bytes_model"]
     assert sub["steps"] == 20
+    assert sub["train_within_limit"] is True and sub["eval_within_limit"] is True
+    assert not [p.name for p in cwd.iterdir() if ".tmp" in p.name]  # atomic writes leave no temporary file
 
 
 def test_log_lines(training_run):
@@ -105,6 +101,7 @@ def test_log_lines(training_run):
     final, ttt = log_line(lines, "final val_loss "), log_line(lines, "final ttt ")
     assert number(final, "val_bpb") == number(ttt, "val_bpb")
     assert json.loads((cwd / "submission.json").read_text())["val_bpb"] == number(final, "val_bpb")
+    assert lines[-1] == "run_end status=ok"
 
 
 def test_training_learned_and_quantization_is_mild(training_run, tokenizer):
@@ -155,6 +152,16 @@ def test_eval_only_reproduces(training_run, eval_only_run):
         assert log_line(eval_lines, prefix).split(" eval_time")[0] == log_line(train_lines, prefix).split(" eval_time")[0]
     assert not any(line.startswith("final pre_quant") for line in eval_lines)
     np.testing.assert_array_equal(np.load(cwd / "scores2.npy"), np.load(cwd / "scores.npy"))
+
+
+def test_eval_only_logs_the_artifact_config(training_run, eval_only_run):
+    """EVAL_ONLY logs the configuration stored in the artifact and warns where the environment differs."""
+    eval_lines = (eval_only_run / "eval_log.txt").read_text().splitlines()
+    config = json.loads(log_line(eval_lines, "artifact_config ").split(" ", 1)[1])
+    assert config == tg.unpack_artifact((eval_only_run / "final_model.int6.ptz").read_bytes())[0]
+    assert config["mlp_mult"] == 16.5
+    assert log_line(eval_lines, "WARNING: ") == "WARNING: MLP_MULT=3.0 differs from the artifact's 16.5, which is used"
+    assert eval_lines[-1] == "run_end status=ok"
 
 
 def test_depth_recurrence_end_to_end(tmp_path, tokenizer, data_dir):

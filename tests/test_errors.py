@@ -176,6 +176,14 @@ def test_from_env_unparsable(env, message):
     ({"WARMDOWN_FRAC": "1.5"}, r"WARMDOWN_FRAC must be in \[0, 1\]"),
     ({"GPTQ_RESERVE_SECONDS": "600"}, "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
+    ({"MATRIX_LR": "-1"}, r"MATRIX_LR must be >= 0, got -1\.0"),  # gradient ascent
+    ({"EMBED_LR": "-0.1"}, "EMBED_LR must be >= 0"),
+    ({"SCALAR_LR": "-0.1"}, "SCALAR_LR must be >= 0"),
+    ({"TTT_LR": "-0.1"}, "TTT_LR must be >= 0"),
+    ({"MLP_MULT": "0"}, r"MLP_MULT must be positive, got 0\.0"),
+    ({"MLP_MULT": "-2"}, "MLP_MULT must be positive"),
+    ({"GRAD_ACCUM_STEPS": "-1"}, "GRAD_ACCUM_STEPS must be >= 0, got -1"),
+    ({"GPTQ_CALIB_BATCHES": "-1"}, "GPTQ_CALIB_BATCHES must be >= 0, got -1"),  # was silently "no GPTQ"
 ])
 def test_from_env_inconsistent(env, message):
     with pytest.raises(ValueError, match=message):

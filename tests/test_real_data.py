@@ -66,3 +66,25 @@ def test_real_total_bytes_match_readme(real):
     tokens, sp = real
     total = int(tg.target_bytes(torch.from_numpy(tokens.astype(np.int64)), tg.byte_tables(sp)).sum())
     assert total == README_VAL_BYTES
+
+
+def test_real_tokenizer_matches_its_shards(real):
+    """The shards' own tokenizer re-encodes every validation document to the same ids (the check that
+    main() runs on 200 documents), so that check needs no tolerance."""
+    tokens, sp = real
+    tg.check_tokenizer_matches(sp, tokens, "own", "real")
+    bos = np.flatnonzero(tokens == BOS)
+    docs = [tokens[a + 1 : b].tolist() for a, b in zip(bos, list(bos[1:]) + [tokens.size])]
+    assert len(docs) == README_VAL_DOCS and sp.encode(sp.decode(docs)) == docs
+
+
+@pytest.mark.parametrize("real", [1024], indirect=True)
+def test_real_sp8192_tokenizer_on_sp1024_shards(real):
+    """The sp8192 tokenizer with VOCAB_SIZE=8192 on sp1024 shards: every id is < 8192, so only the
+    re-encoding check can tell; it fails, naming both paths."""
+    tokens, _ = real
+    path = SHARED_DATA / "tokenizers" / "fineweb_8192_bpe.model"
+    sp8192 = tg.load_tokenizer(str(path), 8192)
+    tg.check_token_ids(tokens, 8192, "val")
+    with pytest.raises(ValueError, match=rf"shards in sp1024 were not made with tokenizer {path}: \d+ of 200 doc"):
+        tg.check_tokenizer_matches(sp8192, tokens, str(path), "sp1024")
