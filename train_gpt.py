@@ -434,13 +434,14 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
 
 
 def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, tokenizer_path: str, data_path: str):
-    """ValueError unless `sp` re-encodes the decoded text of the first 200 complete documents (BOS to next
-    BOS) of `tokens` into the same ids. Catches shards made with another tokenizer of the same vocabulary
-    size (a wrong bpb otherwise); exact on the stand-in data (0 of 7,680 documents differ, either vocabulary)."""
+    """ValueError if `sp` re-encodes the decoded text of the first 200 complete documents (BOS to next BOS)
+    of `tokens` into other ids for more than a tenth of them. Catches shards made with another tokenizer of
+    the same vocabulary size (a wrong bpb otherwise: then nearly every document differs) without stopping a
+    run over a rare decode/encode quirk (0 of 7,680 stand-in documents differ, either vocabulary)."""
     bos = np.flatnonzero(tokens == sp.bos_id())[:201]
     docs = [tokens[a + 1 : b].tolist() for a, b in zip(bos[:-1], bos[1:])]
     differ = sum(again != ids for again, ids in zip(sp.encode(sp.decode(docs)), docs))
-    if differ:
+    if differ > len(docs) // 10:
         raise ValueError(f"the shards in {data_path} were not made with tokenizer {tokenizer_path}: {differ} of "
                          f"{len(docs)} documents re-encode to other ids; set TOKENIZER_PATH to the shards' tokenizer")
 
