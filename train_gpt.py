@@ -501,7 +501,7 @@ def doc_segments(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
     return cu
 
 
-try:  # FlashAttention-2 variable-length kernel inside PyTorch (2.10+); its keywords changed across versions
+try:  # FlashAttention-2 variable-length kernel inside PyTorch (seen in 2.11 and 2.13, whose keywords differ)
     from torch.nn.attention.varlen import varlen_attn
     _VARLEN_ARGS = inspect.signature(varlen_attn).parameters
     _VARLEN_KW = {"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS else {"is_causal": True}
