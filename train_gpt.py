@@ -1593,6 +1593,7 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     summary: dict = {"seed": args.seed, "world_size": rt.world_size,
                      "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"}
 
+    train_ok = True  # EVAL_ONLY trains nothing
     if not args.eval_only:
         model = GPT(**model_config(args, sp.bos_id())).to(rt.device)
         log(f"model_params {sum(p.numel() for p in model.parameters())}")
@@ -1680,7 +1681,6 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     if rt.distributed:
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
-    train_ok = summary.get("train_within_limit", True)  # EVAL_ONLY: nothing trained
     for ok, message in ((fits, f"artifact is {bytes_total} bytes, not under the {ARTIFACT_LIMIT_BYTES}-byte cap"),
                         (train_ok, f"training took longer than MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds:g}s"),
                         (eval_ok, f"evaluation took longer than EVAL_MAX_SECONDS={args.eval_max_seconds:g}s")):

@@ -184,6 +184,9 @@ def test_from_env_unparsable(env, message):
     ({"MLP_MULT": "-2"}, "MLP_MULT must be positive"),
     ({"GRAD_ACCUM_STEPS": "-1"}, "GRAD_ACCUM_STEPS must be >= 0, got -1"),
     ({"GPTQ_CALIB_BATCHES": "-1"}, "GPTQ_CALIB_BATCHES must be >= 0, got -1"),  # was silently "no GPTQ"
+    ({"PARALLEL_START": "-1"}, r"PARALLEL_START must be >= 0 \(0: off\)"),
+    ({"ATTN_GATE": "1", "MODEL_DIM": "8", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "ROPE_DIMS": "4"},
+     "ATTN_GATE needs MODEL_DIM >= 12"),
 ])
 def test_from_env_inconsistent(env, message):
     with pytest.raises(ValueError, match=message):
