@@ -1,0 +1,952 @@
+#!/usr/bin/env python3
+"""Project the contest run (8 GPUs: 600 s of training, 600 s of evaluation) from measurements on one GPU.
+
+    python3 bench/project_8gpu.py [--artifact final_model.int6.ptz] [--comm-json comm.json] [--json out.json]
+    torchrun --standalone --nproc_per_node=2 bench/project_8gpu.py --comm --out comm.json   # NCCL, 2 GPUs
+
+This GPU plays rank 0 of an 8-rank run (`--world-size`), running train_gpt.py's own functions with a fake
+Runtime(rank=0, world_size=8): every per-rank shape is the 8-GPU one (one micro-batch of 98,304 tokens,
+Muon's share of the Newton-Schulz work, 1/8 of the evaluation windows, TTT steps of 2 sequences), nothing
+is scaled linearly from one-GPU times.
+
+Measured here: the training step of both graphs (train_gpt.train itself, with DDP removed), GPTQ,
+zstd-22 compression of the artifact, loading it, compilation and warm-up of the evaluation graphs, the
+time of one score batch in each pass and of one TTT step (train_gpt.evaluate_ttt itself on the stream's
+first chunks). Counted exactly: how many score batches and TTT steps rank 0 runs for the whole
+62,021,632-token stream. Modelled: every all-reduce. `train_gpt.all_reduce` is replaced by a stand-in
+that communicates nothing and records the bytes; a ring model turns bytes into seconds, which are ADDED
+to the measured times (no overlap with compute assumed); DDP's gradient all-reduce is modelled from the
+bytes DDP would reduce. The evaluation timeline, TTT's deadline rule included, is then replayed by running
+train_gpt's evaluate / evaluate_ttt on a virtual clock that the measured unit times advance.
+`--full` also runs rank 0's whole share of every pass, as a check of the sampled projection.
+
+The compiler cache starts empty (a fresh contest machine) unless --keep-inductor-cache.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import collections
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
+import train_gpt as tg  # noqa: E402  (the code being projected)
+
+CONTEST_TARGETS = 62_021_632  # FineWeb validation targets of the challenge (30,284 x 2048)
+BOS_ID = 1  # every challenge tokenizer's BOS (train_gpt reads it from the tokenizer)
+# Defaults without --comm-json. NCCL's maintainer gives ~370 GB/s as the effective NVLink bus bandwidth of
+# 8xH100 SXM with the ring algorithm, i.e. with NVLink SHARP off as train_gpt sets it
+# (github.com/NVIDIA/nccl-tests/issues/212); this run's messages (1-250 MB) stay below that peak, so we
+# assume two thirds of it. The latency is a guess (70 us for an 8-rank all-reduce of a few bytes): --comm
+# measures both.
+DEFAULT_BUSBW_GBS = 250.0
+DEFAULT_HOP_LATENCY_US = 5.0
+DDP_BUCKET_BYTES = (dist._DEFAULT_FIRST_BUCKET_BYTES, 25 * 1024 * 1024)  # DDP's defaults: 1 MiB, then 25 MiB
+
+
+# ----------------------------------------------------------------------------------------------
+# communication: ring model and the all-reduce stand-in
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RingModel:
+    """Seconds of one all-reduce of `nbytes` on `world` ranks with NCCL's ring algorithm:
+    2(w-1)/w * nbytes / busbw + 2(w-1) * hop_latency (nccl-tests' bus-bandwidth convention).
+    `table` (from --comm) holds the bus bandwidth measured for particular message sizes; other sizes
+    use the one nearest in log size, or `busbw` when there is no table."""
+
+    world: int
+    busbw: float  # bytes/s
+    hop_latency: float  # s
+    table: dict = dataclasses.field(default_factory=dict)  # bytes -> busbw (bytes/s)
+    source: str = "default"
+
+    def bus_bandwidth(self, nbytes: int) -> float:
+        if not self.table:
+            return self.busbw
+        return self.table[min(self.table, key=lambda b: abs(math.log(b) - math.log(max(nbytes, 1))))]
+
+    def seconds(self, nbytes: int) -> float:
+        w = self.world
+        if w <= 1:
+            return 0.0
+        return 2 * (w - 1) / w * nbytes / self.bus_bandwidth(nbytes) + 2 * (w - 1) * self.hop_latency
+
+
+class Ledger:
+    """Stand-in for train_gpt.all_reduce on a fake rank: it communicates nothing and returns the tensor as
+    it is (this rank's own contribution only), recording each call's bytes and the ring model's seconds.
+    Those seconds are never slept: they are added to the pass that made the call. With a clock (virtual
+    runs) the stand-in also advances that clock by them, so train_gpt's deadline rule sees them."""
+
+    def __init__(self, ring: RingModel, clock=None):
+        self.ring, self.clock, self.calls = ring, clock, []
+
+    def __call__(self, t: torch.Tensor, rt=None, op=None) -> torch.Tensor:
+        nbytes = t.numel() * t.element_size()
+        seconds = self.ring.seconds(nbytes)
+        self.calls.append((nbytes, seconds))
+        if self.clock is not None:
+            self.clock.now += seconds
+        return t
+
+    def mark(self) -> int:
+        return len(self.calls)
+
+    def since(self, mark: int) -> tuple[int, int, float]:
+        """(calls, bytes, modelled seconds) recorded after `mark`."""
+        calls = self.calls[mark:]
+        return len(calls), sum(b for b, _ in calls), sum(s for _, s in calls)
+
+
+@contextlib.contextmanager
+def patched(target, **attrs):
+    """Temporarily set attributes of a module or class (restored on exit)."""
+    old = {k: getattr(target, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(target, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(target, k, v)
+
+
+def partial_finalize(self, bytes_per_target, rt):
+    """ScoreBoard.finalize for a fake rank: the same two all-reduces, but no exactly-once check (it fails by
+    design: only rank 0's share of the targets is scored here) and no score (NaN)."""
+    tg.all_reduce(self.nll, rt)
+    tg.all_reduce(self.count, rt)
+    return math.nan, math.nan
+
+
+class SingleProcessDDP(nn.Module):
+    """Stands in for wrap_for_training's DistributedDataParallel on a fake rank (it needs a process group):
+    the compiled model, plus DDP's no_sync(), a no-op here. DDP's gradient all-reduce is modelled
+    instead (`ddp_bucket_bytes`)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+
+def ddp_bucket_bytes(model: nn.Module) -> list[int]:
+    """Bytes of each gradient all-reduce DDP makes per optimizer step: the fp32 gradients of every parameter
+    (DDP reduces all that require grad), in DDP's buckets (1 MiB, then 25 MiB each) taken in reverse
+    parameter order, about the order in which the backward pass produces them (DDP's rebuilt buckets)."""
+    params = [p for p in reversed(list(model.parameters())) if p.requires_grad]
+    buckets, _ = dist._compute_bucket_assignment_by_size(params, list(DDP_BUCKET_BYTES), [False] * len(params))
+    return [sum(params[i].numel() * params[i].element_size() for i in b) for b in buckets]
+
+
+def ring_model(a) -> RingModel:
+    """The ring model for --world-size ranks, from --comm-json if given, else --busbw-gbs / --hop-latency-us."""
+    if a.comm_json:
+        with open(a.comm_json) as f:
+            comm = json.load(f)
+        table = {m["bytes"]: m["busbw_gbs"] * 1e9 for m in comm["messages"] if m.get("busbw_gbs")}
+        return RingModel(a.world_size, comm["busbw_gbs"] * 1e9, comm["hop_latency_s"], table,
+                         f"{a.comm_json}: {comm['world_size']} x {comm['device']}, NCCL {comm['nccl']}, {comm['date']}")
+    return RingModel(a.world_size, a.busbw_gbs * 1e9, a.hop_latency_us * 1e-6, {},
+                     f"assumed (--busbw-gbs {a.busbw_gbs:g} --hop-latency-us {a.hop_latency_us:g})")
+
+
+# ----------------------------------------------------------------------------------------------
+# exact work counts and the virtual evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def work_counts(args: tg.Hyperparameters, n: int, world: int, rank: int = 0) -> dict:
+    """What rank `rank` of `world` runs when evaluating n targets, from train_gpt's own index functions
+    (sliding_windows, rank_slice) and evaluate_ttt's chunk rule: score batches of EVAL_BATCH_SEQS windows
+    in the pre-quant and round-trip passes (stride TRAIN_SEQ_LEN) and the sliding pass (EVAL_STRIDE);
+    for TTT, per chunk, its score batches and its training steps (TTT_EPOCHS x ceil(chunk sequences /
+    seqs_per_step); none for the last chunk), each step on rank_seqs sequences of this rank."""
+    rt = tg.Runtime(rank, world, 0, torch.device("cpu"))
+    seq_len, chunk, batch = args.train_seq_len, args.ttt_chunk_tokens, args.eval_batch_seqs
+
+    def my_batches(windows: int) -> int:
+        return -(-len(range(windows)[tg.rank_slice(windows, rt)]) // batch)
+
+    out = {"n_targets": n, "world_size": world, "rank": rank}
+    for name, stride in (("roundtrip", seq_len), ("sliding", args.eval_stride)):
+        starts, _ = tg.sliding_windows(n, seq_len, stride)
+        out[f"{name}_windows"] = len(range(len(starts))[tg.rank_slice(len(starts), rt)])
+        out[f"{name}_batches"] = my_batches(len(starts))
+    starts, score_from = tg.sliding_windows(n, seq_len, args.eval_stride)
+    chunk_of = (starts + score_from) // chunk
+    num_chunks = -(-n // chunk)
+    bounds = torch.searchsorted(chunk_of, torch.arange(num_chunks + 1)).tolist()
+    seqs_per_step = min(args.ttt_batch_seqs, chunk // seq_len)
+    chunk_batches = [my_batches(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    chunk_steps = [args.ttt_epochs * -(-len(range(c * chunk, min((c + 1) * chunk, n) - seq_len + 1, seq_len))
+                                       // seqs_per_step) for c in range(num_chunks - 1)] + [0]
+    out.update(ttt_chunks=num_chunks, ttt_chunk_batches=chunk_batches, ttt_chunk_steps=chunk_steps,
+               ttt_score_batches=sum(chunk_batches), ttt_steps=sum(chunk_steps), ttt_seqs_per_step=seqs_per_step,
+               ttt_rank_seqs=math.ceil(seqs_per_step / world))
+    return out
+
+
+class VirtualClock:
+    """Stands in for the `time` module inside train_gpt: perf_counter() reads a clock the stand-ins advance."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class VirtualBoard:
+    """Stands in for ScoreBoard in virtual runs: stores nothing; finalize makes the same two all-reduces
+    (of meta tensors of the board's size: their bytes without the memory)."""
+
+    def __init__(self, n: int, device):
+        self.n = n
+
+    def add(self, targets, nll) -> None:
+        pass
+
+    def finalize(self, bytes_per_target, rt):
+        tg.all_reduce(torch.empty(self.n, device="meta"), rt)
+        tg.all_reduce(torch.empty(self.n, dtype=torch.int32, device="meta"), rt)
+        return math.nan, math.nan
+
+
+PASSES = ("prequant", "roundtrip", "sliding")  # train_gpt's evaluate() passes, in run()'s order
+
+
+def virtual_eval(args: tg.Hyperparameters, n: int, world: int, ring: RingModel, unit: dict, before: dict,
+                 overhead: float, ttt_grad_bytes: int, deadline: float) -> dict:
+    """Replay rank 0's evaluation on a virtual clock, running train_gpt's own evaluate (pre-quant and
+    round-trip: stride TRAIN_SEQ_LEN; sliding: EVAL_STRIDE) and evaluate_ttt with its deadline rule.
+
+    Stand-ins advance the clock: score_windows by its batches x unit[pass] (s per batch), ttt_step by
+    unit["ttt_step"] plus its gradient all-reduce (ttt_grad_bytes, ring model), every all_reduce by the
+    ring model. before[pass] seconds (compression, compilation, loading) run ahead of a pass, `overhead`
+    seconds (window set-up, finalize) after each. The clock starts at 0 when evaluation starts, so
+    `deadline` is EVAL_MAX_SECONDS (or inf: what TTT needs without it). Returns per pass its seconds,
+    score batches, steps and all-reduce seconds, the TTT log lines, chunks trained and whether it was cut."""
+    clock = VirtualClock()
+    ledger = Ledger(ring, clock)
+    rt = tg.Runtime(0, world, 0, torch.device("cpu"))
+    tokens = torch.empty(n + 1, dtype=torch.uint8, device="meta")  # evaluate* read only its length
+    now = {"pass": ""}
+    counts = collections.Counter()
+
+    def score_windows(model_fn, tokens, starts, score_from, batch, seq_len, board, device):
+        batches = -(-len(starts) // batch)
+        counts[now["pass"] + "_batches"] += batches
+        clock.now += batches * unit[now["pass"]]
+
+    def ttt_step(model, model_fn, opt, params, tokens, seq_starts, rank_seqs, args, rt):
+        counts["ttt_steps"] += 1
+        counts["ttt_rank_seqs"] = rank_seqs
+        clock.now += unit["ttt_step"]
+        if rt.distributed:
+            tg.all_reduce(torch.empty(ttt_grad_bytes // 4, device="meta"), rt)  # the flat fp32 gradients
+
+    out, lines = {}, []
+    stubs = dict(all_reduce=ledger, score_windows=score_windows, ttt_step=ttt_step, synchronize=lambda device: None,
+                 time=clock, ScoreBoard=VirtualBoard)
+    with patched(tg, **stubs):
+        for name in PASSES + (("ttt",) if args.ttt_enabled else ()):
+            clock.now += before.get(name, 0.0)
+            t0, mark, now["pass"] = clock.now, ledger.mark(), name if name != "ttt" else "ttt_score"
+            if name == "ttt":
+                tg.evaluate_ttt(nn.Linear(1, 1), None, tokens, None, args, rt, lines.append, deadline)
+            else:
+                tg.evaluate(None, tokens, None, args.train_seq_len if name != "sliding" else args.eval_stride,
+                            args, rt)
+            clock.now += overhead
+            calls, nbytes, comm = ledger.since(mark)
+            out[name] = dict(seconds=clock.now - t0, comm_seconds=comm, comm_calls=calls, comm_bytes=nbytes)
+    for name in PASSES:
+        out[name]["batches"] = counts[name + "_batches"]
+    if args.ttt_enabled:
+        summary = next(line for line in lines if line.startswith("ttt chunks"))
+        chunks, trained = (int(x) for x in re.match(r"ttt chunks (\d+) trained (\d+)", summary).groups())
+        out["ttt"].update(batches=counts["ttt_score_batches"], steps=counts["ttt_steps"], chunks=chunks,
+                          trained_chunks=trained, rank_seqs=counts["ttt_rank_seqs"],
+                          cut=any(line.startswith("ttt_deadline") for line in lines), log=lines)
+    out["total_seconds"] = clock.now
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# measurements on this device
+# ----------------------------------------------------------------------------------------------
+
+
+class RandomLoader:
+    """Stands in for TokenLoader with --random-tokens: (inputs, targets) of random ids on the device."""
+
+    def __init__(self, args: tg.Hyperparameters, seqs_per_rank: int, device: torch.device):
+        self.seq_len, self.seqs_per_rank = args.train_seq_len, seqs_per_rank
+        self.vocab, self.device = args.vocab_size, device
+
+    def next_batch(self):
+        r = torch.randint(0, self.vocab, (self.seqs_per_rank, self.seq_len + 1), device=self.device)
+        return r[:, :-1], r[:, 1:]
+
+
+def make_loader(args: tg.Hyperparameters, rt: tg.Runtime, accum: int, random_tokens: bool):
+    """This rank's training batches, as main() builds them (TokenLoader: rank r reads its slice)."""
+    seqs = args.train_batch_tokens // (rt.world_size * accum * args.train_seq_len)
+    if random_tokens:
+        return RandomLoader(args, seqs, rt.device)
+    return tg.TokenLoader(os.path.join(args.data_path, "fineweb_train_*.bin"), args.train_seq_len, seqs, rt, args.seed,
+                          args.vocab_size)
+
+
+def time_train_phases(args: tg.Hyperparameters, rt: tg.Runtime, loader, accum: int, steps: int,
+                      ledger: Ledger | None) -> tuple[dict, tg.GPT, tg.EMA]:
+    """Time train_gpt.train itself for `steps` steps of each graph: the 11-pass graph (LOOP_FROM=1: the extra
+    passes never start) and the depth-recurrence graph (LOOP_FROM=0). Each call compiles and warms up as
+    train() does (WARMUP_STEPS, not timed) and reports loop seconds / steps: data loading, LR schedule,
+    optimizers, EMA and the per-step stop/loop all-reduce included. Returns per graph its ms/step, the
+    all-reduces of its timed loop (from `ledger`, if any) and the compile/warm-up seconds; and the last
+    model and its EMA (for GPTQ)."""
+    phases = {"plain": False} | ({"loop": True} if args.num_loops > 0 else {})
+    out, model, ema = {}, None, None
+    for name, looping in phases.items():
+        phase_args = dataclasses.replace(args, iterations=steps, loop_from=0.0 if looping else 1.0)
+        del model, ema
+        torch.manual_seed(args.seed)
+        model = tg.GPT(**tg.model_config(args, BOS_ID)).to(rt.device)
+        marks = {}
+
+        def log(msg: str) -> None:
+            if msg.startswith("train_start"):  # train() starts its clock right after this line
+                marks.update(ledger=ledger.mark() if ledger else 0, t=time.perf_counter())
+
+        t0 = time.perf_counter()
+        result, ema = tg.train(phase_args, model, loader, rt, accum, log, budget_seconds=1e9)
+        calls, nbytes, comm = ledger.since(marks["ledger"]) if ledger else (0, 0, 0.0)
+        per_step = result.steps
+        out[name] = dict(passes=len(model.orders[looping]), step_ms=result.step_ms, steps=result.steps,
+                         warmup_seconds=marks["t"] - t0, allreduce_calls_per_step=calls / per_step,
+                         allreduce_bytes_per_step=nbytes / per_step, allreduce_ms_per_step=1000 * comm / per_step)
+    return out, model, ema
+
+
+def measure_gptq(args: tg.Hyperparameters, model: tg.GPT, ema, loader, rt: tg.Runtime, ledger: Ledger,
+                 code: bytes) -> tuple[dict, dict, dict]:
+    """What run() does between training and the artifact, on rank 0: EMA weights, Hessians on
+    GPTQ_CALIB_BATCHES of this rank's batches (their all-reduces modelled), GPTQ and the step-size search.
+    Without a model (--eval-only): the freshly initialised model's round-to-nearest codes, untimed.
+    Returns (timing, config, entries)."""
+    config, max_bytes = tg.model_config(args, BOS_ID), tg.ARTIFACT_LIMIT_BYTES - 1 - len(code)
+    if model is None:
+        torch.manual_seed(args.seed)
+        state = tg.GPT(**config).to(rt.device).state_dict()
+        entries, alpha = tg.quantize_to_fit(tg.matrix_groups(state, {}), tg.quantize_small_tensors(state), config,
+                                            max_bytes)
+        return {}, config, entries
+    t0, mark = time.perf_counter(), ledger.mark()
+    ema.copy_to_model()
+    hessians = tg.collect_hessians(model, loader, args.gptq_calib_batches, rt) if args.gptq_calib_batches else {}
+    groups, small = tg.matrix_groups(model.state_dict(), hessians), tg.quantize_small_tensors(model.state_dict())
+    entries, alpha = tg.quantize_to_fit(groups, small, config, max_bytes)
+    tg.synchronize(rt.device)
+    seconds = time.perf_counter() - t0
+    calls, nbytes, comm = ledger.since(mark)
+    return dict(seconds=seconds, allreduce_seconds=comm, allreduce_calls=calls, step_scale=alpha), config, entries
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    """(seconds, value) of fn(), the device synchronized before and after."""
+    tg.synchronize(device)
+    t0 = time.perf_counter()
+    value = fn()
+    tg.synchronize(device)
+    return time.perf_counter() - t0, value
+
+
+def rank_windows(args: tg.Hyperparameters, n: int, stride: int, rt: tg.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank rt.rank's windows of a pass, as evaluate() selects them."""
+    starts, score_from = tg.sliding_windows(n, args.train_seq_len, stride)
+    mine = tg.rank_slice(len(starts), rt)
+    return starts[mine], score_from[mine]
+
+
+def time_score_batches(model_fn, tokens: torch.Tensor, windows, args: tg.Hyperparameters, rt: tg.Runtime, first: int,
+                       count: int, board: tg.ScoreBoard) -> tuple[float, int]:
+    """(seconds per batch, batches timed): score_windows on this rank's score batches first..first+count-1."""
+    b = args.eval_batch_seqs
+    starts, score_from = windows[0][first * b : (first + count) * b], windows[1][first * b : (first + count) * b]
+    batches = -(-len(starts) // b)
+    seconds, _ = timed(lambda: tg.score_windows(model_fn, tokens, starts, score_from, b, args.train_seq_len, board,
+                                                rt.device), rt.device)
+    return seconds / max(batches, 1), batches
+
+
+def ttt_with_stamps(model: tg.GPT, model_fn, tokens: torch.Tensor, args: tg.Hyperparameters, rt: tg.Runtime,
+                    deadline: float) -> dict:
+    """Run train_gpt.evaluate_ttt itself (as rank rt.rank), stamping the time at each of its own synchronize()
+    calls: one after each chunk's scoring, one after each trained chunk's training (the chunks before the
+    deadline stopped adaptation, if it did). Returns per chunk its scoring seconds (from the end of the previous
+    chunk's work), per trained chunk its training seconds (deadline check included), the total, the chunks
+    trained and evaluate_ttt's log lines."""
+    lines, stamps, real_sync = [], [], tg.synchronize
+
+    def sync(device):
+        real_sync(device)
+        stamps.append(time.perf_counter())
+
+    with patched(tg, synchronize=sync), patched(tg.ScoreBoard, finalize=partial_finalize):
+        t0 = time.perf_counter()
+        tg.evaluate_ttt(model, model_fn, tokens, None, args, rt, lines.append, deadline)
+        real_sync(rt.device)
+        total = time.perf_counter() - t0
+    summary = next(line for line in lines if line.startswith("ttt chunks"))
+    chunks, trained = (int(x) for x in re.match(r"ttt chunks (\d+) trained (\d+)", summary).groups())
+    assert len(stamps) == chunks + trained, "evaluate_ttt no longer synchronizes once per scoring and training"
+    edges, score, train = iter([t0] + stamps), [], []
+    last = next(edges)
+    for c in range(chunks):
+        now = next(edges)
+        score.append(now - last)
+        last = now
+        if c < trained:
+            now = next(edges)
+            train.append(now - last)
+            last = now
+    return dict(score=score, train=train, seconds=total, chunks=chunks, trained_chunks=trained, log=lines)
+
+
+def measure_ttt(model: tg.GPT, model_fn, tokens: torch.Tensor, args: tg.Hyperparameters, rt: tg.Runtime,
+                warm: int, sample: int) -> dict:
+    """Seconds per TTT score batch and per TTT step (its gradient all-reduce excepted: the ledger records it):
+    evaluate_ttt on the stream's first warm+sample+1 chunks, whose windows, sequences and steps are exactly
+    those of the whole stream's first chunks (ttt_with_stamps), averaged over the chunks after `warm`."""
+    n = tokens.numel() - 1
+    m = min(warm + sample + 1, -(-n // args.ttt_chunk_tokens))
+    n_prefix = min(m * args.ttt_chunk_tokens, n)
+    counts = work_counts(args, n_prefix, rt.world_size, rt.rank)
+    run = ttt_with_stamps(model, model_fn, tokens[: n_prefix + 1], args, rt, math.inf)
+    sampled = range(min(warm, m - 1), m - 1) if m > 1 else range(m)  # never the last chunk: it is not trained
+    batches = sum(counts["ttt_chunk_batches"][c] for c in sampled)
+    steps = sum(counts["ttt_chunk_steps"][c] for c in sampled)
+    return dict(chunks_sampled=len(sampled), batches_sampled=batches, steps_sampled=steps,
+                score_batch_s=sum(run["score"][c] for c in sampled) / max(batches, 1),
+                step_s=sum(run["train"][c] for c in sampled) / steps if steps else 0.0)
+
+
+def stand_in_stream(args: tg.Hyperparameters, n: int, random_tokens: bool,
+                    device: torch.device) -> tuple[torch.Tensor, str]:
+    """n+1 tokens for timing only: DATA_PATH's validation tokens tiled (their document boundaries matter with
+    DOC_MASK=1), or random ids. Returns (int64 tokens on the device, a description)."""
+    if random_tokens:
+        g = torch.Generator().manual_seed(args.seed)
+        return torch.randint(0, args.vocab_size, (n + 1,), generator=g).to(device), "random tokens"
+    pattern = os.path.join(args.data_path, "fineweb_val_*.bin")
+    val = tg.load_validation_tokens(pattern, args.train_seq_len, args.vocab_size)
+    tokens = val.repeat(-(-(n + 1) // val.numel()))[: n + 1]
+    return tokens.to(device), f"{pattern} ({val.numel():,} tokens) tiled"
+
+
+def measure_eval(args: tg.Hyperparameters, rt: tg.Runtime, a, float_model, config: dict, entries: dict,
+                 artifact_path: str, tokens: torch.Tensor, ledger: Ledger) -> dict:
+    """Rank 0's evaluation in run()'s order, timing each fixed phase once and each pass by a sample of its
+    batches (after `warm` untimed ones): zstd-22 + write of the artifact; the pre-quant pass's compilation
+    (first batch of the compiled float model, less one batch) and batches; loading the artifact;
+    compilation and warm-up of the evaluation graphs (maybe_compile + warm_up_eval_graphs); round-trip and
+    sliding batches; TTT (measure_ttt); window set-up and finalize of one pass. With a.full also the whole
+    of each pass (train_gpt's evaluate / evaluate_ttt; the TTT deadline shifted by the modelled all-reduces)."""
+    device, n, seq_len, warm = rt.device, tokens.numel() - 1, args.train_seq_len, 3
+    out: dict = {"full": {}}
+    pack_s, blob = timed(lambda: tg.pack_artifact(config, entries), device)
+    write_s, _ = timed(lambda: tg.atomic_write(artifact_path, blob), device)
+    out.update(compress_seconds=pack_s + write_s, artifact_bytes=len(blob))
+    dummy_bytes = torch.ones(n, dtype=torch.int64)
+    windows = {name: rank_windows(args, n, seq_len if name != "sliding" else args.eval_stride, rt) for name in PASSES}
+    board = tg.ScoreBoard(n, device)
+
+    def sample(name: str, model_fn) -> None:
+        batches = -(-len(windows[name][0]) // args.eval_batch_seqs)
+        skip = min(warm, max(batches - 1, 0))  # a short pass (tiny streams): keep at least one batch to time
+        time_score_batches(model_fn, tokens, windows[name], args, rt, 0, skip, board)
+        out[name + "_batch_s"], out[name + "_batches_sampled"] = time_score_batches(
+            model_fn, tokens, windows[name], args, rt, skip, a.sample_batches, board)
+
+    def full(name: str, model_fn) -> None:
+        if a.full:
+            mark, stride = ledger.mark(), seq_len if name != "sliding" else args.eval_stride
+            with patched(tg.ScoreBoard, finalize=partial_finalize):
+                out["full"][name], _ = timed(lambda: tg.evaluate(model_fn, tokens, dummy_bytes, stride, args, rt),
+                                             device)
+            out["full"][name + "_comm"] = ledger.since(mark)[2]
+
+    if float_model is not None:  # the pre-quant diagnostic: the float model, compiled on its own
+        fn = tg.maybe_compile(float_model, device)
+        cold, _ = timed(lambda: tg.score_windows(fn, tokens, windows["prequant"][0][: args.eval_batch_seqs],
+                                              windows["prequant"][1][: args.eval_batch_seqs], args.eval_batch_seqs,
+                                              seq_len, board, device), device)
+        sample("prequant", fn)
+        out["prequant_compile_seconds"] = max(cold - out["prequant_batch_s"], 0.0)
+        full("prequant", fn)
+        del fn
+    out["load_seconds"], (model, _) = timed(lambda: tg.load_artifact_model(artifact_path, device), device)
+    compile_s, model_fn = timed(lambda: tg.maybe_compile(model, device), device)
+    warm_s, _ = timed(lambda: tg.warm_up_eval_graphs(model, model_fn, args, rt), device)
+    out["warmup_seconds"] = compile_s + warm_s
+    if float_model is None:  # --eval-only: the pre-quant pass is timed with the loaded model's graph
+        sample("prequant", model_fn)
+        out["prequant_compile_seconds"] = out["warmup_seconds"]  # a second compilation of the same size
+        full("prequant", model_fn)
+    for name in ("roundtrip", "sliding"):
+        sample(name, model_fn)
+        full(name, model_fn)
+
+    def finalize_pass():
+        tg.sliding_windows(n, seq_len, args.eval_stride)  # what evaluate() computes first
+        b = tg.ScoreBoard(n, device)
+        b.count.fill_(1)
+        b.finalize(dummy_bytes, rt)
+
+    out["pass_overhead_seconds"], _ = timed(finalize_pass, device)
+    out["ttt"] = measure_ttt(model, model_fn, tokens, args, rt, 2, a.sample_chunks) if args.ttt_enabled else {}
+    out["_model"], out["_model_fn"] = model, model_fn
+    return out
+
+
+def full_ttt(args: tg.Hyperparameters, rt: tg.Runtime, model, model_fn, tokens: torch.Tensor, ledger: Ledger,
+             seconds_left: float) -> dict:
+    """--full: evaluate_ttt on rank 0's whole share (ttt_with_stamps), its deadline `seconds_left` from now (the
+    projected evaluation time before TTT and TTT's modelled all-reduces already taken off)."""
+    mark = ledger.mark()
+    run = ttt_with_stamps(model, model_fn, tokens, args, rt, time.perf_counter() + seconds_left)
+    return dict(ttt=run["seconds"], ttt_comm=ledger.since(mark)[2], ttt_log=run["log"],
+                ttt_trained_chunks=run["trained_chunks"], ttt_score=sum(run["score"]), ttt_train=sum(run["train"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# projection and report
+# ----------------------------------------------------------------------------------------------
+
+
+def project_training(args: tg.Hyperparameters, train: dict, ddp_seconds: float, gptq: dict) -> dict:
+    """Steps in MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS: LOOP_FROM of that budget at the 11-pass step time,
+    the rest at the depth-recurrence step time, each = measured step + modelled all-reduces (DDP gradients,
+    Muon updates, stop flags; no overlap). train() stops at the first step ending past the budget."""
+    budget = args.max_wallclock_seconds - args.gptq_reserve_seconds
+    plain = train["plain"]
+    loop = train.get("loop", plain)
+    frac = args.loop_from if "loop" in train else 1.0
+    out = {"budget_seconds": budget}
+    for label, comm in (("", True), ("_overlapped", False)):
+        t_plain = (plain["step_ms"] + (plain["allreduce_ms_per_step"] + 1000 * ddp_seconds if comm else 0)) / 1000
+        t_loop = (loop["step_ms"] + (loop["allreduce_ms_per_step"] + 1000 * ddp_seconds if comm else 0)) / 1000
+        plain_steps = min(math.ceil(frac * budget / t_plain), args.iterations)
+        loop_steps = min(max(math.ceil((budget - plain_steps * t_plain) / t_loop), 0), args.iterations - plain_steps)
+        out[f"plain_step_ms{label}"], out[f"loop_step_ms{label}"] = 1000 * t_plain, 1000 * t_loop
+        out[f"plain_steps{label}"], out[f"loop_steps{label}"] = plain_steps, loop_steps
+        out[f"steps{label}"] = plain_steps + loop_steps
+        out[f"loop_seconds{label}"] = plain_steps * t_plain + loop_steps * t_loop
+    gptq_seconds = gptq.get("seconds", 0.0) + gptq.get("allreduce_seconds", 0.0)
+    out.update(gptq_seconds=gptq_seconds, train_seconds=out["loop_seconds"] + gptq_seconds)
+    out["margin_seconds"] = args.max_wallclock_seconds - out["train_seconds"]
+    return out
+
+
+def eval_units(m: dict) -> tuple[dict, dict, float]:
+    """(seconds per unit for virtual_eval, seconds ahead of each pass, overhead per pass) from measure_eval."""
+    unit = {name: m[name + "_batch_s"] for name in PASSES}
+    unit.update(ttt_score=m["ttt"].get("score_batch_s", 0.0), ttt_step=m["ttt"].get("step_s", 0.0))
+    before = {"prequant": m["compress_seconds"] + m["prequant_compile_seconds"],
+              "roundtrip": m["load_seconds"] + m["warmup_seconds"]}
+    return unit, before, m["pass_overhead_seconds"]
+
+
+def print_training(args: tg.Hyperparameters, info: dict, train: dict, p: dict, comm: dict, world: int) -> None:
+    """Training table: measured ms/step of each graph, modelled all-reduce ms, steps in the budget, margin."""
+    seqs = args.train_batch_tokens // (world * info["accum"] * args.train_seq_len)
+    print(f"\nTRAINING (per rank and step: {info['accum']} x {seqs} x {args.train_seq_len} = "
+          f"{info['accum'] * seqs * args.train_seq_len:,} tokens)")
+    print(f"{'graph':<8}{'passes':>7}{'ms/step':>10}{'+comm ms':>10}{'= ms':>9}{'seconds':>10}{'steps':>8}")
+    for name in train:
+        t, total, steps = train[name], p[f"{name}_step_ms"], p[f"{name}_steps"]
+        print(f"{name:<8}{t['passes']:>7}{t['step_ms']:>10.2f}{total - t['step_ms']:>10.2f}{total:>9.2f}"
+              f"{steps * total / 1000:>10.1f}{steps:>8,}")
+    t = train["plain"]
+    print(f"all-reduces per step: DDP fp32 gradients {comm['ddp_bytes'] / 1e6:.1f} MB in {comm['ddp_buckets']} buckets "
+          f"{1000 * comm['ddp_seconds']:.2f} ms; Muon bf16 updates + stop flags "
+          f"{t['allreduce_bytes_per_step'] / 1e6:.1f} MB in {t['allreduce_calls_per_step']:.2f} calls "
+          f"{t['allreduce_ms_per_step']:.2f} ms")
+    capped = " (ITERATIONS caps it)" if p["steps"] >= args.iterations else ""
+    print(f"steps {p['steps']:,}{capped} ({p['steps_overlapped']:,} if all communication overlapped); loop "
+          f"{p['loop_seconds']:.1f} s + GPTQ {p['gptq_seconds']:.1f} s measured (reserve "
+          f"{args.gptq_reserve_seconds:g} s) = {p['train_seconds']:.1f} s; margin {p['margin_seconds']:.1f} s under "
+          f"{args.max_wallclock_seconds:g} s")
+    warm = sum(t["warmup_seconds"] for t in train.values())
+    print(f"compile + warm-up before the clock (not counted): {warm:.1f} s over {len(train)} train() calls")
+
+
+def eval_rows(args: tg.Hyperparameters, m: dict, proj: dict) -> list[tuple]:
+    """(label, count, seconds per unit or None, seconds, full-run seconds or None) of each evaluation phase."""
+    full, ttt = m["full"], proj.get("ttt")
+
+    def fixed(label: str, key: str) -> tuple:  # measured once; the same in a full run
+        return label, 1, None, m[key], m[key]
+
+    def batches(label: str, key: str, count: int, full_key: str) -> tuple:
+        return label, count, m[key], count * m[key], full.get(full_key)
+
+    rows = [fixed("artifact zstd-22 + write", "compress_seconds"),
+            fixed("pre-quant compile", "prequant_compile_seconds"),
+            batches(f"pre-quant pass (stride {args.train_seq_len})", "prequant_batch_s", proj["prequant"]["batches"],
+                    "prequant"),
+            fixed("artifact load", "load_seconds"),
+            fixed("compile + warm-up", "warmup_seconds"),
+            batches(f"round-trip pass (stride {args.train_seq_len})", "roundtrip_batch_s", proj["roundtrip"]["batches"],
+                    "roundtrip"),
+            batches(f"sliding pass (stride {args.eval_stride})", "sliding_batch_s", proj["sliding"]["batches"],
+                    "sliding")]
+    if ttt:
+        t = m["ttt"]
+        rows += [("TTT score", ttt["batches"], t["score_batch_s"], ttt["batches"] * t["score_batch_s"],
+                  full.get("ttt_score")),
+                 (f"TTT train ({ttt['rank_seqs']} x {args.train_seq_len} per step)", ttt["steps"], t["step_s"],
+                  ttt["steps"] * t["step_s"], full.get("ttt_train"))]
+    passes = [p for p in PASSES + ("ttt",) if p in proj]
+    ttt_rest = full["ttt"] - full["ttt_score"] - full["ttt_train"] if "ttt" in full else None  # its set-up, finalize
+    rows.append(("pass set-up + finalize", len(passes), m["pass_overhead_seconds"],
+                 len(passes) * m["pass_overhead_seconds"], ttt_rest))
+    full_comm = sum(v for k, v in full.items() if k.endswith("_comm")) if full else None
+    rows.append(("all-reduce (modelled)", sum(proj[p]["comm_calls"] for p in passes), None,
+                 sum(proj[p]["comm_seconds"] for p in passes), full_comm))
+    return rows
+
+
+def print_eval(a, args: tg.Hyperparameters, counts: dict, m: dict, proj: dict, need: dict) -> None:
+    """Evaluation table (count x unit = seconds per phase; full-run seconds with --full), total, margins, TTT
+    deadline verdict, and the counts and samples behind it."""
+    limit, w = args.eval_max_seconds, a.world_size
+    print(f"\nEVALUATION (rank 0 of {w}; EVAL_MAX_SECONDS {limit:g})")
+    print(f"{'phase':<40}{'count':>8}{'unit ms':>10}{'seconds':>10}" + (f"{'full run':>10}" if a.full else ""))
+    for label, count, unit_s, seconds, full_s in eval_rows(args, m, proj):
+        unit_txt = f"{1000 * unit_s:>10.2f}" if unit_s is not None else " " * 10
+        full_txt = (f"{full_s:>10.1f}" if full_s is not None else " " * 10) if a.full else ""
+        print(f"{label:<40}{count:>8,}{unit_txt}{seconds:>10.1f}{full_txt}")
+    full_total = f"{m['full'].get('total', math.nan):>10.1f}" if a.full else ""
+    print(f"{'total':<40}{'':>18}{proj['total_seconds']:>10.1f}{full_total}")
+    print(f"margin: {limit - proj['total_seconds']:.1f} s under {limit:g} s; "
+          f"{0.9 * limit - need['total_seconds']:.1f} s under {0.9 * limit:g} s (10 % margin; without the TTT "
+          f"deadline the run needs {need['total_seconds']:.1f} s)")
+    ttt = proj.get("ttt")
+    if ttt:
+        trainable = ttt["chunks"] - 1
+        if ttt["cut"]:
+            print(f"TTT DEADLINE: adaptation stops after {ttt['trained_chunks']:,} of {trainable:,} chunks "
+                  "(train_gpt's own rule); the remaining chunks are only scored, so the score gets worse")
+        else:
+            print(f"TTT deadline not reached: all {trainable:,} trainable chunks are trained")
+        if "ttt_trained_chunks" in m["full"]:
+            print(f"full run: TTT trained {m['full']['ttt_trained_chunks']:,} chunks")
+    c, t = counts, m["ttt"]
+    print(f"counts (rank 0 of {w}, n={c['n_targets']:,}): round-trip {c['roundtrip_windows']:,} windows = "
+          f"{c['roundtrip_batches']:,} batches of {args.eval_batch_seqs}; sliding {c['sliding_windows']:,} windows = "
+          f"{c['sliding_batches']:,} batches" + (f"; TTT {c['ttt_chunks']:,} chunks, {c['ttt_score_batches']:,} score "
+                                                 f"batches, {c['ttt_steps']:,} steps of {c['ttt_rank_seqs']} sequences "
+                                                 f"({c['ttt_seqs_per_step']} a global step)" if ttt else ""))
+    print(f"sampled: {m['prequant_batches_sampled']} pre-quant, {m['roundtrip_batches_sampled']} round-trip, "
+          f"{m['sliding_batches_sampled']} sliding batches"
+          + (f"; TTT {t['chunks_sampled']} chunks = {t['batches_sampled']} batches + {t['steps_sampled']} steps"
+             if t else ""))
+
+
+def print_report(a, info: dict, counts: dict, train: dict | None, tproj: dict | None, comm: dict, m: dict,
+                 proj: dict, need: dict, args: tg.Hyperparameters) -> None:
+    """The projection as compact tables (see the module docstring for what is measured and modelled)."""
+    w = a.world_size
+    print(f"\n== projected {w}-GPU run: rank 0 of {w}, measured on {info['device']} ==")
+    print(f"date {info['date']}  torch {info['torch']}  train_gpt.py sha256 {info['code_sha256'][:16]}…  "
+          f"env overrides: {info['overrides'] or '(none)'}")
+    print(f"all-reduce model: ring over {w} ranks, {info['ring']}; busbw {info['busbw_gbs']:.0f} GB/s, "
+          f"{info['hop_latency_us']:.1f} us per hop; added to compute, no overlap")
+    print(f"eval stream: {counts['n_targets']:,} targets, {info['stream']}; busiest rank: {info['busiest']}")
+    if train:
+        print_training(args, info, train, tproj, comm, w)
+    print_eval(a, args, counts, m, proj, need)
+    check = info.get("check")
+    if check:
+        real = ", ".join(f"{k} {v['step_ms']:.2f} ms" for k, v in check["phases"].items())
+        if train and check["world_size"] == w:
+            emulated = (f"{k} {tproj[f'{k}_step_ms']:.2f} ms" for k in check["phases"] if k in train)
+            real += " against " + ", ".join(emulated) + " emulated here"
+        else:
+            real += f"; compare with --world-size {check['world_size']} on one of those GPUs"
+        print(f"method check ({a.comm_json}): real {check['world_size']}-rank steps (DDP, NCCL) on {check['device']}: "
+              + real)
+    print("not modelled: 8 processes compiling and compressing on one host at once, ranks waiting for the slowest, "
+          "DDP's bucket copies, overlap of communication with compute (none assumed)"
+          + ("; zstd-22 ran on the artifact of a briefly trained model (a trained one compresses slower: use "
+             "--artifact)" if not a.artifact else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# --comm: NCCL all-reduce of the run's message sizes on several real GPUs
+# ----------------------------------------------------------------------------------------------
+
+
+def message_sizes(args: tg.Hyperparameters, n: int) -> list[tuple[str, int, torch.dtype]]:
+    """(name, elements, dtype) of every all-reduce the run makes: DDP's gradient buckets, Muon's flat bf16
+    updates, TTT's flat fp32 gradients, GPTQ Hessians, the score boards (fp32 NLL, int32 counts) and the
+    small stop/deadline flags."""
+    model = tg.GPT(**tg.model_config(args, BOS_ID))
+    sizes = [(f"ddp_bucket_{b}", b // 4, torch.float32) for b in sorted(set(ddp_bucket_bytes(model)))]
+    sizes.append(("muon_updates", sum(p.numel() for p in tg.linear_weights(model)), torch.bfloat16))
+    sizes.append(("ttt_gradients", sum(p.numel() for p in model.parameters()), torch.float32))
+    cols = sorted({m.in_features for m in model.blocks.modules() if isinstance(m, nn.Linear)})
+    sizes += [(f"gptq_hessian_{c}", c * c, torch.float32) for c in cols]
+    sizes += [("score_nll", n, torch.float32), ("score_count", n, torch.int32), ("stop_flags", 2, torch.float32),
+              ("ttt_decision", 1, torch.float32)]
+    return sizes
+
+
+def time_all_reduce(numel: int, dtype: torch.dtype, rt: tg.Runtime, iters: int, warmup: int = 5) -> float:
+    """Median seconds of one all-reduce of `numel` elements (CUDA events on GPU; ranks aligned by a barrier
+    before each call), after `warmup` untimed ones; the max of the ranks' medians."""
+    t = torch.zeros(numel, dtype=dtype, device=rt.device)
+    for _ in range(warmup):
+        dist.all_reduce(t)
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        tg.synchronize(rt.device)
+        if rt.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dist.all_reduce(t)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:  # gloo on CPU: only to try this mode without GPUs
+            t0 = time.perf_counter()
+            dist.all_reduce(t)
+            times.append(time.perf_counter() - t0)
+    median = torch.tensor([statistics.median(times)], device=rt.device, dtype=torch.float64)
+    dist.all_reduce(median, op=dist.ReduceOp.MAX)
+    return float(median)
+
+
+def comm_main(a) -> None:
+    """--comm (under torchrun on >= 2 GPUs): time NCCL all-reduces of exactly the run's message sizes, derive
+    the hop latency (smallest message) and the bus bandwidth of each size, optionally time real training
+    steps of this world size (DDP, NCCL) as a check of the one-GPU emulation; write JSON (rank 0)."""
+    args, _ = tg.Hyperparameters.from_env()
+    rt = tg.init_runtime()
+    if not rt.distributed:
+        raise SystemExit("--comm runs under torchrun on 2 or more GPUs: "
+                         "torchrun --standalone --nproc_per_node=2 bench/project_8gpu.py --comm --out comm.json")
+    w = rt.world_size
+    messages = []
+    for name, numel, dtype in message_sizes(args, a.tokens):
+        seconds = time_all_reduce(numel, dtype, rt, a.iters)
+        messages.append(dict(name=name, bytes=numel * torch.empty((), dtype=dtype).element_size(),
+                             dtype=str(dtype).removeprefix("torch."), median_s=seconds))
+    hop = min(msg["median_s"] for msg in messages) / (2 * (w - 1))
+    for msg in messages:  # bandwidth of each message >= 64 KiB, its latency part taken off
+        if msg["bytes"] >= 64 * 1024:
+            msg["wire_s"] = max(msg["median_s"] - 2 * (w - 1) * hop, 1e-9)
+            msg["busbw_gbs"] = 2 * (w - 1) / w * msg["bytes"] / msg["wire_s"] / 1e9
+    measured = [msg for msg in messages if "busbw_gbs" in msg]
+    large = [msg for msg in measured if msg["bytes"] >= 1 << 20] or measured
+    busbw = (sum(2 * (w - 1) / w * msg["bytes"] for msg in large) / sum(msg["wire_s"] for msg in large) / 1e9
+             if large else DEFAULT_BUSBW_GBS)
+    cuda = rt.device.type == "cuda"
+    result = dict(world_size=w, device=torch.cuda.get_device_name(rt.device) if cuda else "cpu",
+                  torch=torch.__version__,
+                  nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else "none (gloo)",
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  code_sha256=hashlib.sha256(open(os.path.join(REPO, "train_gpt.py"), "rb").read()).hexdigest(),
+                  hop_latency_s=hop, busbw_gbs=busbw, messages=messages)
+    if a.check_steps:
+        accum = tg.grad_accum_steps(args, rt)
+        loader = make_loader(args, rt, accum, a.random_tokens)
+        phases, _, _ = time_train_phases(args, rt, loader, accum, a.check_steps, None)
+        result["check"] = dict(world_size=w, device=result["device"], accum=accum, phases=phases,
+                               train_batch_tokens=args.train_batch_tokens)
+    if rt.is_main:
+        for msg in messages:
+            print(f"{msg['name']:<22}{msg['bytes']:>14,} B {msg['dtype']:<9}{1e6 * msg['median_s']:>10.1f} us"
+                  + (f"{msg['busbw_gbs']:>9.1f} GB/s" if "busbw_gbs" in msg else ""))
+        print(f"hop latency {1e6 * hop:.2f} us; bus bandwidth (messages >= 1 MiB) {result['busbw_gbs']:.1f} GB/s")
+        for name, p in result.get("check", {}).get("phases", {}).items():
+            print(f"real {w}-rank training step, {name}: {p['step_ms']:.2f} ms (accum {accum})")
+        tg.atomic_write(a.out, (json.dumps(result, indent=2) + "\n").encode())
+        print(f"wrote {a.out}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+def describe(a, args: tg.Hyperparameters, overrides: dict, device: torch.device, ring: RingModel, accum: int,
+             code: bytes) -> dict:
+    """What the report's header states: device, versions, date, code, settings, communication model, and
+    whether any rank has more work than rank 0 (this GPU's role)."""
+    rank0 = work_counts(args, a.tokens, a.world_size)
+    keys = ("roundtrip_batches", "sliding_batches", "ttt_score_batches", "ttt_steps")
+    others = [work_counts(args, a.tokens, a.world_size, r) for r in range(1, a.world_size)]
+    extra = {k: max([c[k] for c in others], default=0) - rank0[k] for k in keys}
+    busiest = "rank 0" if max(extra.values()) <= 0 else \
+        "another rank has more: " + ", ".join(f"{k} +{v}" for k, v in extra.items() if v > 0)
+    check = json.load(open(a.comm_json)).get("check") if a.comm_json else None
+    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                code_sha256=hashlib.sha256(code).hexdigest(), accum=accum, busiest=busiest, check=check,
+                overrides=" ".join(f"{k}={v}" for k, v in sorted(overrides.items())),
+                ring=ring.source, busbw_gbs=ring.busbw / 1e9, hop_latency_us=ring.hop_latency * 1e6)
+
+
+def per_step_messages(args: tg.Hyperparameters, ring: RingModel) -> dict:
+    """Bytes and modelled seconds of DDP's gradient all-reduce per training step, and the bytes of TTT's flat
+    gradient all-reduce per TTT step (fp32, every parameter)."""
+    torch.manual_seed(args.seed)
+    model = tg.GPT(**tg.model_config(args, BOS_ID))
+    buckets = ddp_bucket_bytes(model)
+    return dict(ddp_bytes=sum(buckets), ddp_buckets=len(buckets), ddp_seconds=sum(ring.seconds(b) for b in buckets),
+                ttt_grad_bytes=4 * sum(p.numel() for p in model.parameters()))
+
+
+def single_process_wrap(model: tg.GPT, rt: tg.Runtime) -> nn.Module:
+    """Stands in for train_gpt.wrap_for_training on a fake rank: compiled as there, without DDP."""
+    return SingleProcessDDP(tg.maybe_compile(model, rt.device))
+
+
+def project(a) -> dict:
+    """Measure rank 0's work on this device and print the projected run (see the module docstring)."""
+    args, overrides = tg.Hyperparameters.from_env()
+    device = tg.init_runtime().device  # no WORLD_SIZE: one process; sets TF32 and the Inductor flags as a run does
+    rt = tg.Runtime(rank=0, world_size=a.world_size, local_rank=0, device=device)
+    ring, accum = ring_model(a), tg.grad_accum_steps(args, rt)
+    code = open(os.path.join(REPO, "train_gpt.py"), "rb").read()
+    info, comm = describe(a, args, overrides, device, ring, accum, code), per_step_messages(args, ring)
+    counts, ledger = work_counts(args, a.tokens, a.world_size), Ledger(ring)
+    train = tproj = model = None
+    with patched(tg, all_reduce=ledger, wrap_for_training=single_process_wrap):
+        if not a.eval_only:
+            loader = make_loader(args, rt, accum, a.random_tokens)
+            print(f"timing train_gpt.train: {a.train_steps} steps per graph as rank 0 of {a.world_size}", flush=True)
+            train, model, ema = time_train_phases(args, rt, loader, accum, a.train_steps, ledger)
+            gptq, config, entries = measure_gptq(args, model, ema, loader, rt, ledger, code)
+            tproj = project_training(args, train, comm["ddp_seconds"], gptq)
+            del loader, ema
+        else:
+            _, config, entries = measure_gptq(args, None, None, None, rt, ledger, code)
+        if a.artifact:
+            config, entries = tg.unpack_artifact(open(a.artifact, "rb").read(), a.artifact)
+            ours = tg.model_config(args, BOS_ID)
+            for key in (k for k in ours if config.get(k) != ours[k]):  # evaluation runs the artifact's model
+                print(f"WARNING: {a.artifact} has {key}={config.get(key)}, the environment {ours[key]}: the "
+                      "evaluation times the artifact's model, the training the environment's")
+        tokens, info["stream"] = stand_in_stream(args, a.tokens, a.random_tokens, device)
+        print("timing the evaluation as rank 0 ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            m = measure_eval(args, rt, a, model, config, entries, os.path.join(tmp, "artifact.ptz"), tokens, ledger)
+        del model
+        unit, before, overhead = eval_units(m)
+        replay = lambda deadline: virtual_eval(args, a.tokens, a.world_size, ring, unit, before, overhead,  # noqa: E731
+                                               comm["ttt_grad_bytes"], deadline)
+        proj, need = replay(args.eval_max_seconds), replay(math.inf)
+        assert [proj[p]["batches"] for p in PASSES] == [counts["roundtrip_batches"]] * 2 + [counts["sliding_batches"]]
+        assert not args.ttt_enabled or (need["ttt"]["batches"], need["ttt"]["steps"]) == \
+            (counts["ttt_score_batches"], counts["ttt_steps"])
+        model, model_fn = m.pop("_model"), m.pop("_model_fn")
+        if a.full:
+            f = m["full"]
+            before_ttt = sum(before.values()) + sum(f[p] + f[p + "_comm"] for p in PASSES if p in f)
+            if args.ttt_enabled:
+                left = args.eval_max_seconds - before_ttt - need["ttt"]["comm_seconds"]
+                f.update(full_ttt(args, rt, model, model_fn, tokens, ledger, left))
+            f["total"] = before_ttt + f.get("ttt", 0.0) + f.get("ttt_comm", 0.0)
+    print_report(a, info, counts, train, tproj, comm, m, proj, need, args)
+    result = dict(info=info, counts={k: v for k, v in counts.items() if not k.startswith("ttt_chunk_")},
+                  training=train, training_projection=tproj, comm=comm, eval_measured=m, eval_projection=proj,
+                  eval_needed_without_deadline=need["total_seconds"])
+    if a.json:
+        tg.atomic_write(a.json, (json.dumps(result, indent=2, default=str) + "\n").encode())
+    return result
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world-size", type=int, default=8, help="ranks of the projected run (default 8)")
+    ap.add_argument("--tokens", type=int, default=CONTEST_TARGETS,
+                    help=f"validation targets of the projected run (default {CONTEST_TARGETS:,}, FineWeb's)")
+    ap.add_argument("--random-tokens", action="store_true",
+                    help="random token ids for the evaluation stream and training batches instead of DATA_PATH's")
+    ap.add_argument("--artifact", default="", help="time zstd-22 and loading of this artifact (a P300 run's); "
+                    "default: the artifact GPTQ makes of the briefly trained model (compresses faster)")
+    ap.add_argument("--train-steps", type=int, default=50, help="timed train() steps per graph (after WARMUP_STEPS)")
+    ap.add_argument("--sample-batches", type=int, default=40, help="timed score batches per pass (after 3 untimed)")
+    ap.add_argument("--sample-chunks", type=int, default=20, help="timed TTT chunks (after 2 untimed)")
+    ap.add_argument("--full", action="store_true", help="also run rank 0's whole share of every pass (a check)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="skip the training measurement (the pre-quant pass is then timed with the loaded model)")
+    ap.add_argument("--comm-json", default="", help="all-reduce measurements written by --comm")
+    ap.add_argument("--busbw-gbs", type=float, default=DEFAULT_BUSBW_GBS,
+                    help=f"ring bus bandwidth without --comm-json (default {DEFAULT_BUSBW_GBS:g} GB/s)")
+    ap.add_argument("--hop-latency-us", type=float, default=DEFAULT_HOP_LATENCY_US,
+                    help=f"latency per ring hop without --comm-json (default {DEFAULT_HOP_LATENCY_US:g} us)")
+    ap.add_argument("--json", default="", help="write every number to this JSON file")
+    ap.add_argument("--keep-inductor-cache", action="store_true",
+                    help="use the usual compiler cache (default: an empty one, as on a fresh machine)")
+    ap.add_argument("--comm", action="store_true", help="under torchrun: measure NCCL all-reduces, write --out")
+    ap.add_argument("--out", default="comm.json", help="--comm: output JSON")
+    ap.add_argument("--iters", type=int, default=20, help="--comm: timed all-reduces per message size")
+    ap.add_argument("--check-steps", type=int, default=20,
+                    help="--comm: real training steps per graph on these GPUs, as a check of the emulation (0: none)")
+    return ap.parse_args(argv)
+
+
+def fresh_compiler_cache() -> None:
+    """Point Inductor (and Triton, whose cache lives inside it) at an empty folder, removed at exit, so the
+    compile times are those of a fresh machine. Inductor reads the variable when it first compiles."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="project_8gpu_inductor_")
+        atexit.register(shutil.rmtree, folder, True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    if not a.keep_inductor_cache:
+        fresh_compiler_cache()
+    if a.comm:
+        comm_main(a)
+    else:
+        project(a)
+
+
+if __name__ == "__main__":
+    main()
