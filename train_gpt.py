@@ -20,6 +20,7 @@ import datetime
 import difflib
 import glob
 import hashlib
+import importlib.metadata
 import inspect
 import io
 import json
@@ -75,6 +76,7 @@ class Hyperparameters:
     submission_path: str = "submission.json"
     scores_path: str = ""  # .npy of per-token NLL (nats, float32) of the final scored pass
     eval_only: bool = False  # skip training, evaluate ARTIFACT
+    attention: str = "auto"  # auto | flash | sdpa: FlashAttention where it measured faster, always, never
     # model
     num_layers: int = 11
     model_dim: int = 512
@@ -172,6 +174,7 @@ class Hyperparameters:
              "(the last block runs once)"),
             (0.0 <= self.loop_from <= 1.0, "LOOP_FROM must be in [0, 1]"),
             (self.parallel_start >= 0, "PARALLEL_START must be >= 0 (0: off)"),
+            (self.attention in ("auto", "flash", "sdpa"), f"ATTENTION must be auto, flash or sdpa: {self.attention!r}"),
             (not self.attn_gate or self.model_dim >= GATE_INPUTS, f"ATTN_GATE needs MODEL_DIM >= {GATE_INPUTS}"),
             (self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be at least 2"),
             (self.train_seq_len % self.eval_stride == 0, "TRAIN_SEQ_LEN must be a multiple of EVAL_STRIDE"),
@@ -295,7 +298,7 @@ def interrupt_on_signal(signum: int, _frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runtime, code: bytes) -> None:
+def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runtime, code: bytes, attention: str):
     log(f"run_start {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     log(f"code_sha256 {hashlib.sha256(code).hexdigest()} code_bytes {len(code)}")
     log(f"python {platform.python_version()} torch {torch.__version__} cuda {torch.version.cuda} "
@@ -303,8 +306,7 @@ def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runt
     if rt.device.type == "cuda":
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         log(f"gpus {len(names)}: {', '.join(names)}")
-    backend = "sdpa (cuDNN preferred)" if rt.device.type == "cuda" else "sdpa (math, CPU)"
-    log(f"world_size {rt.world_size} device {rt.device} attention {backend}")
+    log(f"world_size {rt.world_size} device {rt.device} attention {attention}")
     log("env_overrides " + (" ".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "(none)"))
     log("hyperparameters " + json.dumps(asdict(args), sort_keys=True))
     names = [f.name.upper() for f in fields(Hyperparameters)]
@@ -509,25 +511,82 @@ try:  # FlashAttention-2 variable-length kernel inside PyTorch (seen in 2.11 and
 except ImportError:
     varlen_attn = None
 
+FLASH_FASTER = {"H100": {"dense", "varlen"}, "H200": {"dense", "varlen"}}  # GPU name -> modes measured faster (README)
+ATTENTION_ROUTES = {"dense": None, "varlen": None}  # FlashAttention's call per mode, None: PyTorch's (select_attention)
+
+
+@torch.library.custom_op("train_gpt::flash4", mutates_args=())
+def flash4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor | None, t: int, y: torch.Tensor | None,
+           lse: torch.Tensor | None, grad: torch.Tensor | None) -> list[torch.Tensor]:
+    """FA4's kernels as one op (`flash_attn.cute` registers none for torch.compile). q: (B, T, H, D), or (N, H, D) with
+    cu_seqlens cu, lengths <= t; k, v: Hkv heads -> causal [y, fp32 lse (B, H, T) or (H, N)]; with grad [dq, dk, dv]."""
+    fa, kw = importlib.import_module("flash_attn.cute.interface"), dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    kw |= dict(max_seqlen_q=t, max_seqlen_k=t)
+    return list(fa._flash_attn_bwd(q, k, v, y, grad, lse, **kw) if grad is not None else
+                fa._flash_attn_fwd(q, k, v, return_lse=True, **kw)[:2])
+
+
+flash4.register_fake(lambda q, k, v, cu, t, y, lse, grad: [x.new_empty(x.shape) for x in (q, k, v)] if grad is not None
+                     else [q.new_empty(q.shape), q.new_empty(*q.shape[:-3], q.size(-2), q.size(-3)).float()])
+flash4.register_autograd(  # the backward is flash4 again, on the saved q, k, v, cu, t, y, lse and the gradient of y
+    lambda ctx, grads: (*flash4(*ctx.saved_tensors[:4], ctx.t, *ctx.saved_tensors[4:], grads[0]), *[None] * 5),
+    setup_context=lambda ctx, inputs, output: (ctx.save_for_backward(*inputs[:4], *output),
+                                               setattr(ctx, "t", inputs[4])))
+
+
+def select_attention(args: Hyperparameters, device: torch.device) -> str:
+    """Route `causal_attention` once, before the model is compiled; returns the routes for the log. auto: FlashAttention
+    (FA3's `flash_attn_interface` if present, else FA4 via `flash4`) in the modes FLASH_FASTER names for this GPU if a
+    forward and backward of it runs, else PyTorch, reason logged; flash: both modes or RuntimeError; sdpa: PyTorch."""
+    cuda, name, note = device.type == "cuda", "", ""
+    routes = {"dense": "sdpa", "varlen": "torch varlen_attn" if cuda and varlen_attn else "sdpa(mask)"}
+    modes = {"flash": set(routes), "sdpa": set()}.get(args.attention, next(
+        (m for gpu, m in FLASH_FASTER.items() if cuda and gpu in torch.cuda.get_device_name(device)), set()))
+    ATTENTION_ROUTES.update(dense=None, varlen=None)
+    try:
+        if modes:
+            try:  # FA3 (built from source) registers its kernels as torch.library ops itself
+                fa3, name = importlib.import_module("flash_attn_interface"), "flash-attn-3"
+                call = lambda q, k, v, cu, t: (fa3.flash_attn_func(q, k, v, causal=True) if cu is None else
+                                               fa3.flash_attn_varlen_func(q, k, v, cu, cu, t, t, causal=True))
+            except ModuleNotFoundError:  # FA4 (requirements-gpu.txt)
+                importlib.import_module("flash_attn.cute.interface")
+                name = f"flash-attn-4 {importlib.metadata.version('flash-attn-4')}"
+                call = lambda q, k, v, cu, t: flash4(q, k, v, cu, t, None, None, None)[0]
+            ATTENTION_ROUTES.update(dict.fromkeys(modes, call))
+            # smoke call at the model's shapes: FA4 JIT-compiles all the run's kernels here (other ones >256 segments)
+            t, d = args.train_seq_len, args.model_dim // args.num_heads
+            q, k, v = (torch.randn(1, t, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+                       for h in (args.num_heads, args.num_kv_heads, args.num_kv_heads))
+            for cu in (None, *(torch.tensor([*range(0, t, n), t], dtype=torch.int32, device=device) for n in (t, 4))):
+                causal_attention(q, k, v, cu).float().sum().backward()
+    except Exception as e:
+        ATTENTION_ROUTES.update(dense=None, varlen=None)
+        if args.attention == "flash":
+            raise RuntimeError(f"ATTENTION=flash, but FlashAttention does not work here ({type(e).__name__}: {e}); it "
+                               "needs a CUDA GPU and `pip install -r requirements-gpu.txt` (or ATTENTION=sdpa)") from e
+        modes, note = set(), f" (FlashAttention not used: {type(e).__name__}: {e})"
+    return " ".join(f"{m}={name if m in modes else r}" for m, r in routes.items()) + note
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal GQA attention. q: (B, T, H, D); k, v: (B, T, Hkv, D), H % Hkv == 0 -> (B, T, H, D).
-
-    Without cu_seqlens: SDPA (cuDNN preferred on GPU). With cu_seqlens (`doc_segments`), no token
-    attends across a segment start: PyTorch's variable-length FlashAttention on GPU (R7 uses FA3's),
-    else SDPA with an explicit block-diagonal causal mask (CPU, and the reference in tests)."""
+    """Causal GQA attention. q: (B, T, H, D); k, v: (B, T, Hkv, D), H % Hkv == 0 -> (B, T, H, D). With cu_seqlens
+    (`doc_segments`), no token attends across a segment start. FlashAttention where `select_attention` routed the
+    mode (q, k cast to v's dtype: bf16 under autocast); else SDPA (cuDNN preferred on GPU), with cu_seqlens PyTorch's
+    variable-length FlashAttention-2 on GPU, else SDPA with a block-diagonal causal mask (CPU, and tests)."""
     b, t = q.shape[:2]
+    if flash := ATTENTION_ROUTES["dense" if cu_seqlens is None else "varlen"]:  # varlen in FA's layout: (B*T, H, D)
+        qkv = [x.to(v.dtype) if cu_seqlens is None else x.to(v.dtype).flatten(0, 1) for x in (q, k, v)]
+        return flash(*qkv, cu_seqlens, t).view_as(q)
     if cu_seqlens is not None and q.is_cuda and varlen_attn is not None:
-        y = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, t, t, **_VARLEN_KW)
+        y = varlen_attn(*(x.flatten(0, 1) for x in (q, k, v)), cu_seqlens, cu_seqlens, t, t, **_VARLEN_KW)
         return y.view_as(q)
     mask = None
-    if cu_seqlens is not None:
-        seg = torch.zeros(b * t, dtype=torch.int32, device=q.device)
-        seg[cu_seqlens[1:-1].long()] = 1
+    if cu_seqlens is not None:  # segment id of each token: attend causally within it
+        seg = torch.zeros(b * t, dtype=torch.int32, device=q.device).index_fill_(0, cu_seqlens[1:-1].long(), 1)
         seg = seg.cumsum(0).view(b, 1, t)
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        mask = (seg.unsqueeze(-1) == seg.unsqueeze(-2)) & causal
+        mask = (seg.unsqueeze(-1) == seg.unsqueeze(-2)) & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        is_causal=mask is None, enable_gqa=True)
     return y.transpose(1, 2)
@@ -1553,6 +1612,7 @@ def main() -> int:
     code = open(__file__, "rb").read()
     args, overrides = Hyperparameters.from_env()
     rt = init_runtime()
+    attention = select_attention(args, rt.device)  # before any data is read: ATTENTION=flash may stop the run here
     log_path = args.log_path or ("eval_log.txt" if args.eval_only else "train_log.txt")
     check_outputs(args, log_path)
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
@@ -1569,7 +1629,7 @@ def main() -> int:
         if rt.is_main and stale and os.path.exists(stale):
             os.remove(stale)  # no earlier run's results may sit beside this run's artifact
     log = Logger(log_path, rt.is_main)
-    log_run_header(log, args, overrides, rt, code)
+    log_run_header(log, args, overrides, rt, code, attention)
     try:
         status = run(args, rt, log, code, sp, val_tokens, loader, accum)
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through interrupt_on_signal

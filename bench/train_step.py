@@ -4,8 +4,10 @@
 usage: TRAIN_BATCH_TOKENS=98304 python3 bench/train_step.py [--steps 30] [--profile-steps 5] [--shard FILE]
 The model and batch come from the same environment variables as train_gpt.py (one micro-batch
 per step); with --shard the rows are cut from a real shard, so DOC_MASK=1 sees real documents.
-Prints median ms for a full step, for forward+backward alone and for the optimizer
-steps alone, model TFLOP/s, then the CUDA kernels that take the most time. The model runs the
+ATTENTION=auto|flash|sdpa picks the attention route as in train_gpt.py (printed first, with the seconds it
+took: FA4's JIT compilation happens there). Prints the seconds of the first step (torch.compile), median ms for a
+full step, for forward+backward alone and for the optimizer steps alone, model TFLOP/s, then the CUDA
+kernels that take the most time. The model runs the
 extra passes of depth recurrence when NUM_LOOPS > 0 (the default); NUM_LOOPS=0 times the 11-pass
 phase that precedes LOOP_FROM in training.
 """
@@ -13,6 +15,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -41,6 +44,9 @@ def main() -> None:
     a = ap.parse_args()
     args, _ = tg.Hyperparameters.from_env()
     rt = tg.init_runtime()
+    t0 = time.perf_counter()
+    route = tg.select_attention(args, rt.device)
+    print(f"attention {route} (chosen in {time.perf_counter() - t0:.1f} s, FA4's JIT compilation included)")
     model = tg.GPT(**tg.model_config(args, bos_id=1)).to(rt.device)
     net = tg.wrap_for_training(model, rt)
     opts = tg.build_optimizers(model, args, rt)
@@ -71,7 +77,11 @@ def main() -> None:
         for opt in opts:
             opt.step()
 
-    for _ in range(10):
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    print(f"first step {time.perf_counter() - t0:.1f} s (compilation)")
+    for _ in range(9):
         step()
     full = timed(step, a.steps)
     fwd_bwd = timed(forward_backward, a.steps)

@@ -190,7 +190,7 @@ def test_misspelled_setting_warned(monkeypatch, tmp_path):
     monkeypatch.setenv("NUM_LAYERS", "3")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     log = tg.Logger(str(tmp_path / "log.txt"), True)
-    tg.log_run_header(log, tg.Hyperparameters(), {}, runtime(), b"")
+    tg.log_run_header(log, tg.Hyperparameters(), {}, runtime(), b"", "dense=sdpa varlen=sdpa(mask)")
     warnings = [line for line in (tmp_path / "log.txt").read_text().splitlines() if line.startswith("WARNING")]
     assert warnings == ["WARNING: MATRIX_LRS is not a setting and is ignored; did you mean MATRIX_LR?",
                         "WARNING: NUM_LAYER is not a setting and is ignored; did you mean NUM_LAYERS?"]
