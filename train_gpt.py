@@ -10,9 +10,7 @@ The file reads top to bottom in pipeline order:
   2. runtime and logging      7. quantization: GPTQ int6 / int7, zstd artifact
   3. data shards              8. evaluation: sliding window, score-first TTT
   4. bpb accounting           9. main: train -> artifact -> reload -> eval -> submission.json
-  5. model and optimizers
-
-README.md describes each technique and where it comes from."""
+  5. model and optimizers             README.md: each technique and where it comes from"""
 from __future__ import annotations
 
 import contextlib
@@ -252,11 +250,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast with SDPA preferring cuDNN, then flash kernels (cuDNN measured fastest) on GPU; fp32 on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+    stack.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                     SDPBackend.EFFICIENT_ATTENTION], set_priority=True))
+    return stack
 
 
 def maybe_compile(module, device: torch.device):
@@ -451,10 +453,9 @@ def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token byte rule of the challenge, as arrays indexed by token id.
 
-    Returns (base_bytes int64, has_leading_space bool, is_boundary bool). Control/unknown/unused
-    tokens are boundaries worth 0 bytes; byte-fallback tokens are 1 byte; other pieces count the
-    UTF-8 bytes of the piece without its leading "▁", which adds one byte unless the previous
-    token is a boundary (so no space is counted right after BOS)."""
+    Returns (base_bytes int64, has_leading_space bool, is_boundary bool). Control/unknown/unused tokens are boundaries
+    worth 0 bytes; byte-fallback tokens are 1 byte; other pieces count the UTF-8 bytes of the piece without its leading
+    "▁", which adds one byte unless the previous token is a boundary (so no space is counted right after BOS)."""
     n = sp.vocab_size()
     base, space, boundary = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     for i in range(n):
@@ -535,27 +536,21 @@ flash4.register_autograd(  # the backward is flash4 again, on the saved q, k, v,
 
 
 def select_attention(args: Hyperparameters, device: torch.device) -> str:
-    """Route `causal_attention` once, before the model is compiled; returns the routes for the log. auto: FlashAttention
-    (FA3's `flash_attn_interface` if present, else FA4 via `flash4`) in the modes FLASH_FASTER names for this GPU if a
-    forward and backward of it runs, else PyTorch, reason logged; flash: both modes or RuntimeError; sdpa: PyTorch."""
-    cuda, name, note = device.type == "cuda", "", ""
+    """Route `causal_attention` once, before the model is compiled; returns the routes for the log. auto: FA4 (`flash4`)
+    in the modes FLASH_FASTER names for this GPU if a forward and backward of it runs at the model's shapes (FA4
+    JIT-compiles every kernel of the run here), else PyTorch, reason logged; flash: both modes or RuntimeError; sdpa:
+    PyTorch, nothing imported. FA3 (`flash_attn_interface`) has no pip build and is not routed."""
+    cuda, note = device.type == "cuda", ""
     routes = {"dense": "sdpa", "varlen": "torch varlen_attn" if cuda and varlen_attn else "sdpa(mask)"}
     modes = {"flash": set(routes), "sdpa": set()}.get(args.attention, next(
         (m for gpu, m in FLASH_FASTER.items() if cuda and gpu in torch.cuda.get_device_name(device)), set()))
     ATTENTION_ROUTES.update(dense=None, varlen=None)
     try:
         if modes:
-            try:  # FA3 (built from source) registers its kernels as torch.library ops itself
-                fa3, name = importlib.import_module("flash_attn_interface"), "flash-attn-3"
-                call = lambda q, k, v, cu, t: (fa3.flash_attn_func(q, k, v, causal=True) if cu is None else
-                                               fa3.flash_attn_varlen_func(q, k, v, cu, cu, t, t, causal=True))
-            except ModuleNotFoundError:  # FA4 (requirements-gpu.txt)
-                importlib.import_module("flash_attn.cute.interface")
-                name = f"flash-attn-4 {importlib.metadata.version('flash-attn-4')}"
-                call = lambda q, k, v, cu, t: flash4(q, k, v, cu, t, None, None, None)[0]
-            ATTENTION_ROUTES.update(dict.fromkeys(modes, call))
-            # smoke call at the model's shapes: FA4 JIT-compiles all the run's kernels here (other ones >256 segments)
-            t, d = args.train_seq_len, args.model_dim // args.num_heads
+            importlib.import_module("flash_attn.cute.interface")
+            name = f"flash-attn-4 {importlib.metadata.version('flash-attn-4')}"
+            ATTENTION_ROUTES.update(dict.fromkeys(modes, lambda q, k, v, cu, t: flash4(q, k, v, cu, t, *[None] * 3)[0]))
+            t, d = args.train_seq_len, args.model_dim // args.num_heads  # the smoke call: dense, 1 and t/4 segments
             q, k, v = (torch.randn(1, t, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
                        for h in (args.num_heads, args.num_kv_heads, args.num_kv_heads))
             for cu in (None, *(torch.tensor([*range(0, t, n), t], dtype=torch.int32, device=device) for n in (t, 4))):
@@ -590,14 +585,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        is_causal=mask is None, enable_gqa=True)
     return y.transpose(1, 2)
-
-
-def sdpa_preference(device: torch.device):
-    """Context preferring cuDNN, then flash SDPA kernels on GPU (cuDNN measured fastest on H100/H200)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    return sdpa_kernel(order, set_priority=True)
 
 
 @torch.library.custom_op("train_gpt::embedding_backward", mutates_args=())
@@ -798,14 +785,13 @@ def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int)
 class GPT(nn.Module):
     """Decoder-only transformer with U-Net skips, tied embeddings and a tanh logit softcap.
 
-    Blocks run in `layer_order` (depth recurrence's extra passes only while `looping`, which is on
-    from construction if num_loops > 0). The first half of that order (encoder) pushes its outputs;
-    each later step first merges in skip_weights[j] * (mirrored encoder output): added, or with
-    skip_gates blended as g x + (1 - g) skip, g = sigmoid(gate) (R7). From block `parallel_start` on
-    (R7's parallel residuals), attention and MLP update two lanes that start from the same stream
-    and are merged at the end by a learned weight. With doc_mask, attention never crosses a BOS
-    (pass cu_seqlens from `segments`). input_ids (B, T) int64 -> logits (B, T, V), or with targets
-    (B, T): mean NLL or per-token NLL (B, T) ("none"), in nats."""
+    Blocks run in `layer_order` (depth recurrence's extra passes only while `looping`, which is on from construction if
+    num_loops > 0). The first half of that order (encoder) pushes its outputs; each later step first merges in
+    skip_weights[j] * (mirrored encoder output): added, or with skip_gates blended as g x + (1 - g) skip, g =
+    sigmoid(gate) (R7). From block `parallel_start` on (R7's parallel residuals), attention and MLP update two lanes
+    that start from the same stream and are merged at the end by a learned weight. With doc_mask, attention never
+    crosses a BOS (pass cu_seqlens from `segments`). input_ids (B, T) int64 -> logits (B, T, V), or with targets (B, T):
+    mean NLL or per-token NLL (B, T) ("none"), in nats."""
 
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: float, rope_dims: int, rope_base: float, qk_gain_init: float, xsa_last_n: int,
@@ -1026,15 +1012,11 @@ def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
     return accum
 
 
-def global_mean(x: torch.Tensor, rt: Runtime) -> float:
-    """Mean over ranks of a per-rank scalar (each rank's loss covers its share of the batch)."""
-    return all_reduce(x.detach().float().clone().to(rt.device), rt).item() / rt.world_size
-
-
 def finite_loss(loss: torch.Tensor, step: int, rt: Runtime, weights: list[torch.Tensor] = ()) -> float:
-    """global_mean of the training loss; FloatingPointError if it or any of `weights` holds nan/inf. Called
+    """The training loss averaged over ranks; FloatingPointError if it or any of `weights` holds nan/inf. Called
     where the loss is synced anyway (every LOG_EVERY steps; at the end with the EMA weights)."""
-    value, bad_weights = global_mean(loss, rt), not all(bool(w.isfinite().all()) for w in weights)
+    value = all_reduce(loss.detach().float().clone().to(rt.device), rt).item() / rt.world_size
+    bad_weights = not all(bool(w.isfinite().all()) for w in weights)
     if bad_weights or not math.isfinite(value):
         raise FloatingPointError(f"train_loss {value}{' and nan/inf weights' if bad_weights else ''} at step {step}: "
                                  "training diverged; lower the learning rates (MATRIX_LR, EMBED_LR, SCALAR_LR)")
@@ -1057,8 +1039,7 @@ def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad
     total = torch.zeros((), device=rt.device)
     for micro, (x, y) in enumerate(batches):
         sync_grads = not rt.distributed or micro == len(batches) - 1
-        with (contextlib.nullcontext() if sync_grads else net.no_sync()), autocast(rt.device), \
-                sdpa_preference(rt.device):
+        with (contextlib.nullcontext() if sync_grads else net.no_sync()), autocast(rt.device):
             loss = net(x, y, cu_seqlens=model.segments(x))
         (loss / len(batches)).backward()
         total += loss.detach() / len(batches)
@@ -1166,7 +1147,7 @@ def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime)
             hooks.append(module.register_forward_hook(
                 lambda _m, inputs, _o, key=f"blocks.{name}.weight": accumulate(key, inputs[0])))
     try:
-        with torch.inference_mode(), autocast(rt.device), sdpa_preference(rt.device):
+        with torch.inference_mode(), autocast(rt.device):
             for _ in range(batches):
                 x, _ = loader.next_batch()
                 model(x, cu_seqlens=model.segments(x))
@@ -1400,11 +1381,10 @@ def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows covering targets 0..n_targets-1 exactly once, each with at least seq_len-stride context.
 
-    Window i reads inputs tokens[start_i : start_i + seq_len] and scores its positions >= from_i,
-    i.e. targets start_i + from_i .. start_i + seq_len - 1 (target j is token j+1). The first window
-    scores all of its positions; each later one scores the `stride` targets after the previous.
-    Returns (starts, score_from), int64 tensors of equal length. stride == seq_len gives plain
-    non-overlapping evaluation."""
+    Window i reads inputs tokens[start_i : start_i + seq_len] and scores its positions >= from_i, i.e. targets start_i +
+    from_i .. start_i + seq_len - 1 (target j is token j+1). The first window scores all of its positions; each later
+    one scores the `stride` targets after the previous. Returns (starts, score_from), int64 tensors of equal length.
+    stride == seq_len gives plain non-overlapping evaluation."""
     if n_targets < seq_len:
         raise ValueError(f"validation has {n_targets} targets, fewer than one {seq_len}-token window")
     firsts = torch.arange(seq_len, n_targets, stride)
@@ -1449,7 +1429,7 @@ def score_windows(model_fn, tokens: torch.Tensor, starts: torch.Tensor, score_fr
         if real < batch:
             s, f = torch.cat((s, s[-1:].expand(batch - real))), torch.cat((f, f[-1:].expand(batch - real)))
         window = tokens[s[:, None] + offsets]
-        with autocast(device), sdpa_preference(device):
+        with autocast(device):
             nll = model_fn(window[:, :-1], window[:, 1:], "none", model_fn.segments(window[:, :-1])).float()
         mask = offsets[None, :seq_len] >= f[:, None]
         mask[real:] = False
@@ -1477,12 +1457,11 @@ def evaluate_ttt(model: GPT, model_fn, tokens: torch.Tensor, bytes_per_target: t
                  rt: Runtime, log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
     """Legal score-first test-time training (R3 / PR #549 recipe), in stream order.
 
-    Targets are cut into chunks of TTT_CHUNK_TOKENS; a sliding window belongs to the chunk of its first
-    scored target. For chunk c: score its windows under inference_mode, then (unless c is the last)
-    train all weights on chunk c's tokens: TTT_EPOCHS passes of SGD+momentum over its sequences, LR
-    cosine-decayed over chunks, gradients all-reduced and clipped. So every target is scored before any
-    update that saw it. If the projected time passes `deadline` (perf_counter s), the remaining chunks
-    are only scored, and the log says so."""
+    Targets are cut into chunks of TTT_CHUNK_TOKENS; a sliding window belongs to the chunk of its first scored target.
+    For chunk c: score its windows under inference_mode, then (unless c is the last) train all weights on chunk c's
+    tokens: TTT_EPOCHS passes of SGD+momentum over its sequences, LR cosine-decayed over chunks, gradients all-reduced
+    and clipped. So every target is scored before any update that saw it. If the projected time passes `deadline`
+    (perf_counter s), the remaining chunks are only scored, and the log says so."""
     n, seq_len, chunk = tokens.numel() - 1, args.train_seq_len, args.ttt_chunk_tokens
     starts, score_from = sliding_windows(n, seq_len, args.eval_stride)
     chunk_of = (starts + score_from) // chunk
@@ -1544,7 +1523,7 @@ def ttt_step(model: GPT, model_fn, opt, params, tokens: torch.Tensor, seq_starts
     if real < rank_seqs:
         mine = torch.cat((mine, torch.zeros(rank_seqs - real, dtype=mine.dtype, device=device)))
     window = tokens[mine[:, None] + torch.arange(seq_len + 1, device=device)]
-    with autocast(device), sdpa_preference(device):
+    with autocast(device):
         nll = model_fn(window[:, :-1], window[:, 1:], "none", model.segments(window[:, :-1]))
     (nll.float() * weight).sum().backward()
     if rt.distributed:
@@ -1563,13 +1542,13 @@ def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime
     if rt.device.type != "cuda":
         return
     seq_len, vocab = args.train_seq_len, args.vocab_size
-    with torch.inference_mode(), autocast(rt.device), sdpa_preference(rt.device):
+    with torch.inference_mode(), autocast(rt.device):
         x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len), device=rt.device)
         model_fn(x, x, "none", model.segments(x))
     if args.ttt_enabled:
         rank_seqs = math.ceil(min(args.ttt_batch_seqs, args.ttt_chunk_tokens // seq_len) / rt.world_size)
         x = torch.randint(0, vocab, (rank_seqs, seq_len), device=rt.device)
-        with autocast(rt.device), sdpa_preference(rt.device):
+        with autocast(rt.device):
             model_fn(x, x, "none", model.segments(x)).float().sum().backward()
         model.zero_grad(set_to_none=True)
     synchronize(rt.device)

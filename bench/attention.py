@@ -102,7 +102,7 @@ def main() -> None:
                 raise RuntimeError(no_flash)
             tg.ATTENTION_ROUTES.update(flash_routes if flash else dict(dense=None, varlen=None))
             try:
-                with tg.sdpa_preference(dev):
+                with tg.autocast(dev):
                     return tg.causal_attention(q_, k_, v_, c if masked else None)
             finally:
                 tg.ATTENTION_ROUTES.update(dense=None, varlen=None)

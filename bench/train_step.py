@@ -67,7 +67,7 @@ def main() -> None:
 
     def forward_backward():
         (x, y), = batch()
-        with tg.autocast(rt.device), tg.sdpa_preference(rt.device):
+        with tg.autocast(rt.device):
             net(x, y, cu_seqlens=model.segments(x)).backward()
         model.zero_grad(set_to_none=True)
 
