@@ -10,7 +10,8 @@ The file reads top to bottom in pipeline order:
   2. runtime and logging      7. quantization: GPTQ int6 / int7, zstd artifact
   3. data shards              8. evaluation: sliding window, score-first TTT
   4. bpb accounting           9. main: train -> artifact -> reload -> eval -> submission.json
-  5. model and optimizers             README.md: each technique and where it comes from"""
+  5. model and optimizers
+README.md explains each technique and where it comes from."""
 from __future__ import annotations
 
 import contextlib
@@ -52,9 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 SUBMISSION_NAME = "GQA U-Net + BigramHash + SmearGate, Muon/EMA, GPTQ int6 + zstd, score-first TTT"
 ARTIFACT_LIMIT_BYTES = 16_000_000
 
-# ----------------------------------------------------------------------------------------------
-# 1. Hyperparameters
-# ----------------------------------------------------------------------------------------------
+# ---- 1. Hyperparameters ----------------------------------------------------------------------
 
 
 @dataclass
@@ -85,7 +84,7 @@ class Hyperparameters:
     rope_base: float = 10000.0
     qk_gain_init: float = 5.0  # R6-R8
     xsa_last_n: int = 11  # exclusive self-attention on the last N layers
-    doc_mask: bool = False  # no attention across a BOS, in training and in every evaluation pass (R6-R8)
+    doc_mask: bool = True  # no attention across a BOS, in training and in every evaluation pass (R6-R8)
     parallel_start: int = 7  # decoder blocks from this index on run attention and MLP in two lanes (R7; 0: off)
     skip_gates: bool = True  # U-Net skips blended in by learned sigmoid gates (R7) instead of added
     attn_gate: bool = True  # per-head attention output gate 2*sigmoid(W x[:12]) (R6)
@@ -199,9 +198,7 @@ def _parse_env_value(name: str, type_name: str, raw: str):
         raise ValueError(f"{name}={raw!r} is not a valid {type_name}") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. Runtime and logging
-# ----------------------------------------------------------------------------------------------
+# ---- 2. Runtime and logging ------------------------------------------------------------------
 
 
 @dataclass
@@ -317,9 +314,7 @@ def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runt
             log(f"WARNING: {var} is not a setting and is ignored; did you mean {name}?")
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. Data: challenge shards (256 x int32 header, then uint16 tokens)
-# ----------------------------------------------------------------------------------------------
+# ---- 3. Data: challenge shards (256 x int32 header, then uint16 tokens) ----------------------
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
@@ -421,9 +416,7 @@ class TokenLoader:
         return batch[:, :-1], batch[:, 1:]
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. bpb accounting (exactly the challenge's byte rule)
-# ----------------------------------------------------------------------------------------------
+# ---- 4. bpb accounting (exactly the challenge's byte rule) -----------------------------------
 
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
@@ -482,9 +475,7 @@ def bits_per_byte(nll_sum_nats: float, n_bytes: int) -> float:
     return nll_sum_nats / math.log(2.0) / n_bytes
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Model and optimizers
-# ----------------------------------------------------------------------------------------------
+# ---- 5. Model and optimizers -----------------------------------------------------------------
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -883,15 +874,6 @@ def linear_weights(model: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def matmul_flops_per_token(model: GPT, seq_len: int, looping: bool) -> float:
-    """Training FLOPs per token: 6 x (linear weights, each block's once per pass, + tied head)
-    + 6 x passes x seq_len x dim (causal attention), with or without the extra passes."""
-    order = model.orders[looping]
-    block = [sum(p.numel() for p in linear_weights(b)) for b in model.blocks]
-    matrix = sum(block[i] for i in order) + model.bigram.proj.weight.numel() + model.tok_emb.weight.numel()
-    return 6.0 * matrix + 6.0 * len(order) * seq_len * model.tok_emb.weight.size(1)
-
-
 def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximate orthogonalisation U V^T of g (..., m, n) by a quintic Newton-Schulz iteration in bf16.
 
@@ -967,9 +949,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
     return [adam, muon]
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Training: wall-clock capped, warm-down by time, EMA
-# ----------------------------------------------------------------------------------------------
+# ---- 6. Training: wall-clock capped, warm-down by time, EMA ----------------------------------
 
 
 def lr_scale(progress: float, warmdown_frac: float) -> float:
@@ -992,14 +972,6 @@ class EMA:
     @torch.no_grad()
     def copy_to_model(self) -> None:
         torch._foreach_copy_(self.params, self.shadow)
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    loop_seconds: float
-    step_ms: float
-    last_loss: float
 
 
 def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
@@ -1052,8 +1024,8 @@ def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad
 
 
 def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, accum: int, log: Logger,
-          budget_seconds: float) -> tuple[TrainResult, EMA]:
-    """Train until `budget_seconds` of wall clock (or ITERATIONS) and return the result and the EMA.
+          budget_seconds: float) -> tuple[int, float, EMA]:
+    """Train until `budget_seconds` of wall clock (or ITERATIONS); returns (steps, seconds of the timed loop, EMA).
 
     Before the clock starts, WARMUP_STEPS full steps on random tokens prime torch.compile; the model
     and optimizers are then reset to their initial state. The LR warm-down follows the fraction of
@@ -1078,10 +1050,8 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
     log(f"train_start warmup_steps {args.warmup_steps} (random tokens, state reset) budget {budget_seconds:.1f}s "
         f"grad_accum {accum} seqs_per_micro_batch {seqs}")
 
-    step_flops = {flag: matmul_flops_per_token(model, args.train_seq_len, flag) * args.train_batch_tokens
-                  for flag in (False, True)}
     t0 = time.perf_counter()
-    n, loss, elapsed, flops, progress = 0, torch.zeros(()), 0.0, 0.0, 0.0
+    n, loss, elapsed, progress = 0, torch.zeros(()), 0.0, 0.0
     while n < args.iterations:
         scale = lr_scale(progress, args.warmdown_frac)
         frac = min(n / max(1, args.muon_momentum_warmup_steps), 1.0)
@@ -1092,7 +1062,6 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
                     group["momentum"] = (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
         loss = train_step(net, model, optimizers, [loader.next_batch() for _ in range(accum)], args.grad_clip_norm, rt)
         ema.update()
-        flops += step_flops[model.looping]
         n += 1
         if n % args.log_every == 0:
             synchronize(rt.device)
@@ -1109,19 +1078,16 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
             log(f"depth_recurrence on at step {n} passes {len(model.orders[True])} (from {len(model.orders[False])})")
         if n % args.log_every == 0:
             log(f"step {n} train_loss {finite_loss(loss, n, rt):.4f} lr_scale {scale:.3f} train_time {elapsed:.1f}s "
-                f"step_avg {1000 * elapsed / n:.1f}ms tflops_per_gpu {flops / elapsed / rt.world_size / 1e12:.0f}")
+                f"step_avg {1000 * elapsed / n:.1f}ms")
     synchronize(rt.device)
     elapsed = time.perf_counter() - t0
     model.looping = args.num_loops > 0  # the exported model always runs its extra passes
-    result = TrainResult(n, elapsed, 1000 * elapsed / max(n, 1), finite_loss(loss, n, rt, ema.shadow))
-    log(f"train_end steps {n} train_loss {result.last_loss:.4f} loop_time {elapsed:.1f}s step_avg {result.step_ms:.1f}ms "
-        f"tflops_per_gpu {flops / elapsed / rt.world_size / 1e12:.0f}")
-    return result, ema
+    log(f"train_end steps {n} train_loss {finite_loss(loss, n, rt, ema.shadow):.4f} loop_time {elapsed:.1f}s "
+        f"step_avg {1000 * elapsed / max(n, 1):.1f}ms")
+    return n, elapsed, ema
 
 
-# ----------------------------------------------------------------------------------------------
-# 7. Quantization: GPTQ int6 for block matrices, int7 for embeddings, zstd-22 artifact
-# ----------------------------------------------------------------------------------------------
+# ---- 7. Quantization: GPTQ int6 for block matrices, int7 for embeddings, zstd-22 artifact ----
 
 QUANT_MIN_NUMEL = 65_536  # float tensors up to this size are stored as fp16 (2-D) or fp32 (1-D)
 INT6_MAX, INT7_MAX = 31, 63  # block matrices int6, embeddings int7 (GPTQ wherever a Hessian exists)
@@ -1373,9 +1339,7 @@ def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
     return model.to(device), config
 
 
-# ----------------------------------------------------------------------------------------------
-# 8. Evaluation: every target scored exactly once, in stream order
-# ----------------------------------------------------------------------------------------------
+# ---- 8. Evaluation: every target scored exactly once, in stream order ------------------------
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1554,9 +1518,7 @@ def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime
     synchronize(rt.device)
 
 
-# ----------------------------------------------------------------------------------------------
-# 9. Main
-# ----------------------------------------------------------------------------------------------
+# ---- 9. Main ---------------------------------------------------------------------------------
 
 
 def check_outputs(args: Hyperparameters, log_path: str) -> None:
@@ -1637,7 +1599,7 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
         model = GPT(**model_config(args, sp.bos_id())).to(rt.device)
         log(f"model_params {sum(p.numel() for p in model.parameters())}")
         budget = args.max_wallclock_seconds - args.gptq_reserve_seconds
-        result, ema = train(args, model, loader, rt, accum, log, budget)
+        steps, loop_seconds, ema = train(args, model, loader, rt, accum, log, budget)
         t_gptq = time.perf_counter()  # GPTQ reads training data, so it counts as training time
         ema.copy_to_model()
         hessians = collect_hessians(model, loader, args.gptq_calib_batches, rt) if args.gptq_calib_batches else {}
@@ -1647,13 +1609,12 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
             entries, alpha = quantize_to_fit(groups, small, config, max_bytes)
         synchronize(rt.device)
         gptq_seconds = time.perf_counter() - t_gptq
-        train_seconds = result.loop_seconds + gptq_seconds
+        train_seconds = loop_seconds + gptq_seconds
         train_ok = train_seconds <= args.max_wallclock_seconds
         log(f"gptq hessians {len(hessians)} calib_batches {args.gptq_calib_batches} gptq_time {gptq_seconds:.1f}s "
-            f"train_seconds {train_seconds:.1f}s "
-            f"(limit {args.max_wallclock_seconds:g}s {'OK' if train_ok else 'OVER'})")
-        summary.update(steps=result.steps, step_ms=round(result.step_ms, 2), train_seconds=round(train_seconds, 1),
-                       train_within_limit=train_ok)
+            f"train_seconds {train_seconds:.1f}s (limit {args.max_wallclock_seconds:g}s {'OK' if train_ok else 'OVER'})")
+        summary.update(steps=steps, step_ms=round(1000 * loop_seconds / max(steps, 1), 2),
+                       train_seconds=round(train_seconds, 1), train_within_limit=train_ok)
 
         t_eval = time.perf_counter()  # from here on everything counts as evaluation time
         if rt.is_main:
@@ -1669,7 +1630,7 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
             dist.barrier()
         model_fn = maybe_compile(model, rt.device)  # diagnostic: the float EMA model before quantization
         loss, bpb, _ = evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt)
-        log(f"final pre_quant val_loss {loss:.6f} val_bpb {bpb:.6f}")
+        log(f"final pre_quant val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")
         summary.update(pre_quant_val_bpb=round(bpb, 6))
         del model, model_fn, ema, hessians
     else:
@@ -1677,8 +1638,7 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     deadline = t_eval + args.eval_max_seconds
 
     bytes_model, bytes_code = os.path.getsize(args.artifact), len(code)
-    bytes_total = bytes_model + bytes_code
-    fits = bytes_total < ARTIFACT_LIMIT_BYTES
+    bytes_total, fits = bytes_model + bytes_code, bytes_model + bytes_code < ARTIFACT_LIMIT_BYTES
     log(f"artifact {args.artifact} bytes_model {bytes_model} bytes_code {bytes_code} bytes_total {bytes_total} "
         f"(limit {ARTIFACT_LIMIT_BYTES}: {'OK' if fits else 'OVER THE LIMIT'})")
 
@@ -1691,17 +1651,18 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
                          "set VOCAB_SIZE and TRAIN_SEQ_LEN to match")
     model_fn = maybe_compile(model, rt.device)
     warm_up_eval_graphs(model, model_fn, args, rt)
+    log(f"eval_graphs compiled eval_time {time.perf_counter() - t_eval:.1f}s")
     loss, bpb, board = evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt)
-    log(f"final roundtrip val_loss {loss:.6f} val_bpb {bpb:.6f}")
+    log(f"final roundtrip val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")
     summary.update(roundtrip_val_bpb=round(bpb, 6))
-    loss, bpb, board = evaluate(model_fn, val_tokens, bytes_per_target, args.eval_stride, args, rt)
-    log(f"final sliding val_loss {loss:.6f} val_bpb {bpb:.6f} stride {args.eval_stride} "
+    if args.ttt_enabled:  # TTT scores the sliding windows itself (a plain sliding score: EVAL_ONLY=1 TTT_ENABLED=0)
+        final, (loss, bpb, board) = "ttt", evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log,
+                                                        deadline)
+    else:
+        final, (loss, bpb, board) = "sliding", evaluate(model_fn, val_tokens, bytes_per_target, args.eval_stride, args, rt)
+    log(f"final {final} val_loss {loss:.6f} val_bpb {bpb:.6f} stride {args.eval_stride} "
         f"eval_time {time.perf_counter() - t_eval:.1f}s")
-    summary.update(sliding_val_bpb=round(bpb, 6))
-    if args.ttt_enabled:
-        loss, bpb, board = evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log, deadline)
-        log(f"final ttt val_loss {loss:.6f} val_bpb {bpb:.6f}")
-        summary.update(ttt_val_bpb=round(bpb, 6))
+    summary[f"{final}_val_bpb"] = round(bpb, 6)
     eval_seconds = time.perf_counter() - t_eval
     eval_ok = eval_seconds <= args.eval_max_seconds
     log(f"eval_seconds {eval_seconds:.1f} (limit {args.eval_max_seconds:g}s {'OK' if eval_ok else 'OVER'})")

@@ -345,10 +345,9 @@ def time_train_phases(args: tg.Hyperparameters, rt: tg.Runtime, loader, accum: i
                 marks.update(ledger=ledger.mark() if ledger else 0, t=time.perf_counter())
 
         t0 = time.perf_counter()
-        result, ema = tg.train(phase_args, model, loader, rt, accum, log, budget_seconds=1e9)
+        per_step, loop_seconds, ema = tg.train(phase_args, model, loader, rt, accum, log, budget_seconds=1e9)
         calls, nbytes, comm = ledger.since(marks["ledger"]) if ledger else (0, 0, 0.0)
-        per_step = result.steps
-        out[name] = dict(passes=len(model.orders[looping]), step_ms=result.step_ms, steps=result.steps,
+        out[name] = dict(passes=len(model.orders[looping]), step_ms=1000 * loop_seconds / per_step, steps=per_step,
                          warmup_seconds=marks["t"] - t0, allreduce_calls_per_step=calls / per_step,
                          allreduce_bytes_per_step=nbytes / per_step, allreduce_ms_per_step=1000 * comm / per_step)
     return out, model, ema

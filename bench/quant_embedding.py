@@ -30,7 +30,7 @@ def main() -> None:
     model = tg.GPT(**tg.model_config(args, sp.bos_id())).to(rt.device)
     loader = tg.TokenLoader(os.path.join(args.data_path, "fineweb_train_*.bin"), args.train_seq_len,
                             args.train_batch_tokens // args.train_seq_len, rt, args.seed, args.vocab_size)
-    _, ema = tg.train(args, model, loader, rt, 1, log, args.max_wallclock_seconds - args.gptq_reserve_seconds)
+    *_, ema = tg.train(args, model, loader, rt, 1, log, args.max_wallclock_seconds - args.gptq_reserve_seconds)
     ema.copy_to_model()
     hessians = tg.collect_hessians(model, loader, args.gptq_calib_batches, rt)
     config = tg.model_config(args, sp.bos_id())

@@ -23,6 +23,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import train_gpt as tg  # noqa: E402
 
 
+def matmul_flops_per_token(model: tg.GPT, seq_len: int, looping: bool) -> float:
+    """Training FLOPs per token: 6 x (linear weights, each block's once per pass, + tied head)
+    + 6 x passes x seq_len x dim (causal attention), with or without the extra passes."""
+    order = model.orders[looping]
+    block = [sum(p.numel() for p in tg.linear_weights(b)) for b in model.blocks]
+    matrix = sum(block[i] for i in order) + model.bigram.proj.weight.numel() + model.tok_emb.weight.numel()
+    return 6.0 * matrix + 6.0 * len(order) * seq_len * model.tok_emb.weight.size(1)
+
+
 def timed(fn, steps: int) -> float:
     """Median milliseconds of fn() over `steps` calls, timed with CUDA events."""
     times = []
@@ -86,7 +95,7 @@ def main() -> None:
     full = timed(step, a.steps)
     fwd_bwd = timed(forward_backward, a.steps)
     opt_ms = timed(optimizers_only, a.steps)
-    flops = tg.matmul_flops_per_token(model, args.train_seq_len, model.looping) * seqs * args.train_seq_len
+    flops = matmul_flops_per_token(model, args.train_seq_len, model.looping) * seqs * args.train_seq_len
     print(f"tokens/step {seqs * args.train_seq_len}  params {sum(p.numel() for p in model.parameters())}")
     print(f"full step {full:.2f} ms ({flops / full / 1e9:.0f} TFLOP/s)  forward+backward {fwd_bwd:.2f} ms  "
           f"optimizers {opt_ms:.2f} ms")

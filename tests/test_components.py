@@ -1,12 +1,17 @@
 """Small building blocks: LR schedule, EMA, Newton-Schulz, partial RoPE, XSA, the model config."""
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
 import torch
 
-from conftest import BOS, runtime, tg, tiny_model
+from conftest import BOS, REPO_ROOT, runtime, tg, tiny_model
+
+_spec = importlib.util.spec_from_file_location("train_step_bench", REPO_ROOT / "bench" / "train_step.py")
+step_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(step_bench)
 
 
 @pytest.mark.parametrize("progress, frac, expected", [
@@ -138,7 +143,7 @@ def test_layer_order():
 def test_depth_recurrence_model():
     """A looped model runs its extra passes from construction (the exported model always does), can
     switch them off (early training), sizes the U-Net skips for the longer order, and counts the
-    extra passes in its FLOPs; the extra passes change the output."""
+    extra passes in its FLOPs (bench/train_step.py's counter); the extra passes change the output."""
     model = tiny_model(seed=0, num_layers=4, xsa_last_n=0, num_loops=1, loop_start=1, loop_end=2)
     assert model.looping and model.orders[True] == [0, 1, 2, 1, 2, 3] and model.orders[False] == [0, 1, 2, 3]
     assert model.skip_weights.shape == (3, 64)  # 6 passes: 3 encoder, 3 decoder
@@ -148,7 +153,7 @@ def test_depth_recurrence_model():
     plain = model(x)
     assert not torch.allclose(looped, plain, atol=1e-4)
     block = sum(p.numel() for p in tg.linear_weights(model.blocks[1]))
-    extra = tg.matmul_flops_per_token(model, 64, True) - tg.matmul_flops_per_token(model, 64, False)
+    extra = step_bench.matmul_flops_per_token(model, 64, True) - step_bench.matmul_flops_per_token(model, 64, False)
     assert extra == 6.0 * 2 * block + 6.0 * 2 * 64 * 64
 
 
@@ -157,7 +162,7 @@ def test_gpt_skip_connections_and_flops():
     model = tiny_model(seed=0, num_layers=5, xsa_last_n=0)
     assert model.orders[model.looping] == [0, 1, 2, 3, 4] and model.skip_weights.shape == (3, 64)
     matrices = sum(p.numel() for p in tg.linear_weights(model)) + model.tok_emb.weight.numel()
-    assert tg.matmul_flops_per_token(model, 64, False) == 6.0 * matrices + 6.0 * 5 * 64 * 64
+    assert step_bench.matmul_flops_per_token(model, 64, False) == 6.0 * matrices + 6.0 * 5 * 64 * 64
     # the Linear weights are those of the 5 blocks (6 each) plus the bigram projection
     assert len(tg.linear_weights(model)) == 5 * 6 + 1
     with torch.no_grad():

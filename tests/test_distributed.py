@@ -72,12 +72,12 @@ def test_training_losses_match_across_rank_counts(runs):
 
 
 def test_evaluation_of_one_artifact_matches_across_rank_counts(runs):
-    """EVAL_ONLY of one artifact: sliding and TTT bpb agree within 1e-4, every token scored once."""
+    """EVAL_ONLY of one artifact: round-trip and TTT bpb agree within 1e-4, every token scored once."""
     ref_log, ref_scores, _ = runs[("train", 1)]
     for n in RANKS[1:]:
         log, scores, _ = runs[("eval", n)]
         assert scores.shape == ref_scores.shape
-        assert abs(final(log, "sliding") - final(ref_log, "sliding")) < 1e-4
+        assert abs(final(log, "roundtrip") - final(ref_log, "roundtrip")) < 1e-4
         assert abs(final(log, "ttt") - final(ref_log, "ttt")) < 1e-4
         assert np.allclose(scores, ref_scores, atol=1e-3)
         assert f"world_size {n}" in log

@@ -35,7 +35,7 @@ def log_line(lines: list[str], prefix: str) -> str:
 def number(line: str, key: str) -> float:
     m = re.search(rf"\b{key} (\S+)", line)
     assert m, (key, line)
-    return float(m.group(1))
+    return float(m.group(1).removesuffix("s"))
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +88,14 @@ def test_log_lines(training_run):
     cwd, _ = training_run
     lines = (cwd / "train_log.txt").read_text().splitlines()
     assert log_line(lines, "code_sha256 ").split()[1] == hashlib.sha256(CODE).hexdigest()
-    for prefix in ("final pre_quant ", "final roundtrip ", "final sliding ", "final ttt "):
+    for prefix in ("final pre_quant ", "final roundtrip ", "final ttt "):
         line = log_line(lines, prefix)
         assert math.isfinite(number(line, "val_bpb")) and number(line, "val_bpb") > 0
+    assert not [line for line in lines if line.startswith("final sliding ")]  # TTT's pass is the sliding pass
+    # each phase logs the evaluation seconds so far: the phases are timed, in pipeline order
+    phases = ("artifact written ", "final pre_quant ", "eval_graphs compiled ", "final roundtrip ", "final ttt ")
+    times = [number(log_line(lines, p), "in" if p == "artifact written " else "eval_time") for p in phases]
+    assert times == sorted(times) and number(log_line(lines, "eval_seconds "), "eval_seconds") >= times[-1]
     # the artifact is on disk before any evaluation starts, the pre-quant diagnostic included
     assert lines.index(log_line(lines, "artifact written ")) < lines.index(log_line(lines, "final pre_quant "))
     assert number(log_line(lines, "artifact written "), "step_scale") >= 1.0
