@@ -1502,18 +1502,18 @@ def ttt_step(model: GPT, model_fn, opt, params, tokens: torch.Tensor, seq_starts
 
 
 def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime) -> None:
-    """Compile the scoring and TTT graphs on random tokens (never validation tokens); weights unchanged."""
-    if rt.device.type != "cuda":
-        return
+    """Compile the scoring and TTT graphs on random tokens (never validation tokens); weights unchanged. The inputs are
+    views of (rows, seq_len + 1) windows, as in score_windows and ttt_step: torch.compile guards on strides, and
+    contiguous inputs compiled graphs that the real passes could not use (measured: 2 extra compilations, ~170 s)."""
     seq_len, vocab = args.train_seq_len, args.vocab_size
     with torch.inference_mode(), autocast(rt.device):
-        x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len), device=rt.device)
-        model_fn(x, x, "none", model.segments(x))
+        x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len + 1), device=rt.device)
+        model_fn(x[:, :-1], x[:, 1:], "none", model.segments(x[:, :-1]))
     if args.ttt_enabled:
         rank_seqs = math.ceil(min(args.ttt_batch_seqs, args.ttt_chunk_tokens // seq_len) / rt.world_size)
-        x = torch.randint(0, vocab, (rank_seqs, seq_len), device=rt.device)
+        x = torch.randint(0, vocab, (rank_seqs, seq_len + 1), device=rt.device)
         with autocast(rt.device):
-            model_fn(x, x, "none", model.segments(x)).float().sum().backward()
+            model_fn(x[:, :-1], x[:, 1:], "none", model.segments(x[:, :-1])).float().sum().backward()
         model.zero_grad(set_to_none=True)
     synchronize(rt.device)
 
@@ -1650,7 +1650,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
         raise ValueError(f"artifact was built for vocab {config['vocab_size']} / seq_len {config['max_seq_len']}; "
                          "set VOCAB_SIZE and TRAIN_SEQ_LEN to match")
     model_fn = maybe_compile(model, rt.device)
-    warm_up_eval_graphs(model, model_fn, args, rt)
+    if rt.device.type == "cuda":  # eager on CPU: nothing to compile
+        warm_up_eval_graphs(model, model_fn, args, rt)
     log(f"eval_graphs compiled eval_time {time.perf_counter() - t_eval:.1f}s")
     loss, bpb, board = evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt)
     log(f"final roundtrip val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")
