@@ -9,10 +9,15 @@ Runtime(rank=0, world_size=8): every per-rank shape is the 8-GPU one (one micro-
 Muon's share of the Newton-Schulz work, 1/8 of the evaluation windows, TTT steps of 2 sequences), nothing
 is scaled linearly from one-GPU times.
 
+The evaluation is run()'s: the pre-quant pass (the float model) and the round-trip pass (the reloaded
+artifact), both at stride TRAIN_SEQ_LEN, then the final pass: TTT (evaluate_ttt, which scores the sliding
+windows at EVAL_STRIDE itself, chunk by chunk, training between chunks) or, with TTT_ENABLED=0 only, the
+plain sliding pass (evaluate at EVAL_STRIDE).
+
 Measured here: the training step of both graphs (train_gpt.train itself, with DDP removed), GPTQ,
 zstd-22 compression of the artifact, loading it, compilation and warm-up of the evaluation graphs, the
-time of one score batch in each pass and of one TTT step (train_gpt.evaluate_ttt itself on the stream's
-first chunks). Counted exactly: how many score batches and TTT steps rank 0 runs for the whole
+time of one score batch in each pass and, with TTT, of one TTT step (train_gpt.evaluate_ttt itself on the
+stream's first chunks). Counted exactly: how many score batches (and TTT steps) rank 0 runs for the whole
 62,021,632-token stream. Modelled: every all-reduce. `train_gpt.all_reduce` is replaced by a stand-in
 that communicates nothing and records the bytes; a ring model turns bytes into seconds, which are ADDED
 to the measured times (no overlap with compute assumed); DDP's gradient all-reduce is modelled from the
@@ -180,35 +185,68 @@ def ring_model(a) -> RingModel:
 # ----------------------------------------------------------------------------------------------
 
 
+def passes(args: tg.Hyperparameters) -> tuple[str, ...]:
+    """run()'s evaluation passes, in its order: pre-quant and round-trip (evaluate, stride TRAIN_SEQ_LEN), then
+    the final one: "ttt" (evaluate_ttt, which scores the sliding windows itself) or, only with TTT_ENABLED=0,
+    "sliding" (evaluate, stride EVAL_STRIDE)."""
+    return ("prequant", "roundtrip", "ttt" if args.ttt_enabled else "sliding")
+
+
+def plain_passes(args: tg.Hyperparameters) -> tuple[str, ...]:
+    """The passes that run train_gpt's evaluate (all but TTT)."""
+    return tuple(p for p in passes(args) if p != "ttt")
+
+
+def pass_stride(args: tg.Hyperparameters, name: str) -> int:
+    """The window stride of a plain pass."""
+    return args.eval_stride if name == "sliding" else args.train_seq_len
+
+
+# work_counts' key of each pass's score batches (the pre-quant pass scores the round-trip pass's windows)
+BATCH_KEYS = {"prequant": "roundtrip_batches", "roundtrip": "roundtrip_batches", "sliding": "sliding_batches",
+              "ttt": "ttt_score_batches"}
+
+
 def work_counts(args: tg.Hyperparameters, n: int, world: int, rank: int = 0) -> dict:
     """What rank `rank` of `world` runs when evaluating n targets, from train_gpt's own index functions
-    (sliding_windows, rank_slice) and evaluate_ttt's chunk rule: score batches of EVAL_BATCH_SEQS windows
-    in the pre-quant and round-trip passes (stride TRAIN_SEQ_LEN) and the sliding pass (EVAL_STRIDE);
-    for TTT, per chunk, its score batches and its training steps (TTT_EPOCHS x ceil(chunk sequences /
-    seqs_per_step); none for the last chunk), each step on rank_seqs sequences of this rank."""
+    (sliding_windows, rank_slice) and evaluate_ttt's chunk rule: windows and score batches of EVAL_BATCH_SEQS
+    windows of the round-trip pass (stride TRAIN_SEQ_LEN, the pre-quant pass's too); then of the final pass:
+    with TTT (ttt_counts) its score batches and training steps, chunk by chunk; with TTT_ENABLED=0 the windows
+    and score batches of the sliding pass (EVAL_STRIDE)."""
     rt = tg.Runtime(rank, world, 0, torch.device("cpu"))
-    seq_len, chunk, batch = args.train_seq_len, args.ttt_chunk_tokens, args.eval_batch_seqs
-
-    def my_batches(windows: int) -> int:
-        return -(-len(range(windows)[tg.rank_slice(windows, rt)]) // batch)
-
     out = {"n_targets": n, "world_size": world, "rank": rank}
-    for name, stride in (("roundtrip", seq_len), ("sliding", args.eval_stride)):
-        starts, _ = tg.sliding_windows(n, seq_len, stride)
-        out[f"{name}_windows"] = len(range(len(starts))[tg.rank_slice(len(starts), rt)])
-        out[f"{name}_batches"] = my_batches(len(starts))
+    out.update(window_counts(args, n, "roundtrip", rt))
+    out.update(ttt_counts(args, n, rt) if args.ttt_enabled else window_counts(args, n, "sliding", rt))
+    return out
+
+
+def my_batches(args: tg.Hyperparameters, windows: int, rt: tg.Runtime) -> int:
+    """Score batches of rank rt.rank's share (rank_slice) of `windows` windows."""
+    return -(-len(range(windows)[tg.rank_slice(windows, rt)]) // args.eval_batch_seqs)
+
+
+def window_counts(args: tg.Hyperparameters, n: int, name: str, rt: tg.Runtime) -> dict:
+    """{name}_windows and {name}_batches of rank rt.rank in the plain pass `name`."""
+    windows = len(tg.sliding_windows(n, args.train_seq_len, pass_stride(args, name))[0])
+    return {f"{name}_windows": len(range(windows)[tg.rank_slice(windows, rt)]),
+            f"{name}_batches": my_batches(args, windows, rt)}
+
+
+def ttt_counts(args: tg.Hyperparameters, n: int, rt: tg.Runtime) -> dict:
+    """evaluate_ttt's work on rank rt.rank: per chunk its score batches and its training steps (TTT_EPOCHS x
+    ceil(chunk sequences / seqs_per_step); none for the last chunk), each step on rank_seqs sequences."""
+    seq_len, chunk = args.train_seq_len, args.ttt_chunk_tokens
     starts, score_from = tg.sliding_windows(n, seq_len, args.eval_stride)
     chunk_of = (starts + score_from) // chunk
     num_chunks = -(-n // chunk)
     bounds = torch.searchsorted(chunk_of, torch.arange(num_chunks + 1)).tolist()
     seqs_per_step = min(args.ttt_batch_seqs, chunk // seq_len)
-    chunk_batches = [my_batches(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    chunk_batches = [my_batches(args, hi - lo, rt) for lo, hi in zip(bounds[:-1], bounds[1:])]
     chunk_steps = [args.ttt_epochs * -(-len(range(c * chunk, min((c + 1) * chunk, n) - seq_len + 1, seq_len))
                                        // seqs_per_step) for c in range(num_chunks - 1)] + [0]
-    out.update(ttt_chunks=num_chunks, ttt_chunk_batches=chunk_batches, ttt_chunk_steps=chunk_steps,
-               ttt_score_batches=sum(chunk_batches), ttt_steps=sum(chunk_steps), ttt_seqs_per_step=seqs_per_step,
-               ttt_rank_seqs=math.ceil(seqs_per_step / world))
-    return out
+    return dict(ttt_chunks=num_chunks, ttt_chunk_batches=chunk_batches, ttt_chunk_steps=chunk_steps,
+                ttt_score_batches=sum(chunk_batches), ttt_steps=sum(chunk_steps), ttt_seqs_per_step=seqs_per_step,
+                ttt_rank_seqs=math.ceil(seqs_per_step / rt.world_size))
 
 
 class VirtualClock:
@@ -237,20 +275,19 @@ class VirtualBoard:
         return math.nan, math.nan
 
 
-PASSES = ("prequant", "roundtrip", "sliding")  # train_gpt's evaluate() passes, in run()'s order
-
-
 def virtual_eval(args: tg.Hyperparameters, n: int, world: int, ring: RingModel, unit: dict, before: dict,
                  overhead: float, ttt_grad_bytes: int, deadline: float) -> dict:
-    """Replay rank 0's evaluation on a virtual clock, running train_gpt's own evaluate (pre-quant and
-    round-trip: stride TRAIN_SEQ_LEN; sliding: EVAL_STRIDE) and evaluate_ttt with its deadline rule.
+    """Replay rank 0's evaluation (passes(args)) on a virtual clock, running train_gpt's own evaluate (pre-quant
+    and round-trip: stride TRAIN_SEQ_LEN; sliding, without TTT: EVAL_STRIDE) and evaluate_ttt with its deadline
+    rule.
 
-    Stand-ins advance the clock: score_windows by its batches x unit[pass] (s per batch), ttt_step by
-    unit["ttt_step"] plus its gradient all-reduce (ttt_grad_bytes, ring model), every all_reduce by the
-    ring model. before[pass] seconds (compression, compilation, loading) run ahead of a pass, `overhead`
+    Stand-ins advance the clock: score_windows by its batches x unit[pass] (s per batch; TTT's: "ttt_score"),
+    ttt_step by unit["ttt_step"] plus its gradient all-reduce (ttt_grad_bytes, ring model), every all_reduce by
+    the ring model. before[pass] seconds (compression, compilation, loading) run ahead of a pass, `overhead`
     seconds (window set-up, finalize) after each. The clock starts at 0 when evaluation starts, so
     `deadline` is EVAL_MAX_SECONDS (or inf: what TTT needs without it). Returns per pass its seconds,
-    score batches, steps and all-reduce seconds, the TTT log lines, chunks trained and whether it was cut."""
+    score batches and all-reduce seconds; for TTT also its steps, log lines, chunks trained and whether it
+    was cut."""
     clock = VirtualClock()
     ledger = Ledger(ring, clock)
     rt = tg.Runtime(0, world, 0, torch.device("cpu"))
@@ -274,25 +311,23 @@ def virtual_eval(args: tg.Hyperparameters, n: int, world: int, ring: RingModel, 
     stubs = dict(all_reduce=ledger, score_windows=score_windows, ttt_step=ttt_step, synchronize=lambda device: None,
                  time=clock, ScoreBoard=VirtualBoard)
     with patched(tg, **stubs):
-        for name in PASSES + (("ttt",) if args.ttt_enabled else ()):
+        for name in passes(args):
             clock.now += before.get(name, 0.0)
             t0, mark, now["pass"] = clock.now, ledger.mark(), name if name != "ttt" else "ttt_score"
             if name == "ttt":
                 tg.evaluate_ttt(nn.Linear(1, 1), None, tokens, None, args, rt, lines.append, deadline)
             else:
-                tg.evaluate(None, tokens, None, args.train_seq_len if name != "sliding" else args.eval_stride,
-                            args, rt)
+                tg.evaluate(None, tokens, None, pass_stride(args, name), args, rt)
             clock.now += overhead
             calls, nbytes, comm = ledger.since(mark)
-            out[name] = dict(seconds=clock.now - t0, comm_seconds=comm, comm_calls=calls, comm_bytes=nbytes)
-    for name in PASSES:
-        out[name]["batches"] = counts[name + "_batches"]
+            out[name] = dict(seconds=clock.now - t0, batches=counts[now["pass"] + "_batches"], comm_seconds=comm,
+                             comm_calls=calls, comm_bytes=nbytes)
     if args.ttt_enabled:
         summary = next(line for line in lines if line.startswith("ttt chunks"))
         chunks, trained = (int(x) for x in re.match(r"ttt chunks (\d+) trained (\d+)", summary).groups())
-        out["ttt"].update(batches=counts["ttt_score_batches"], steps=counts["ttt_steps"], chunks=chunks,
-                          trained_chunks=trained, rank_seqs=counts["ttt_rank_seqs"],
-                          cut=any(line.startswith("ttt_deadline") for line in lines), log=lines)
+        out["ttt"].update(steps=counts["ttt_steps"], chunks=chunks, trained_chunks=trained,
+                          rank_seqs=counts["ttt_rank_seqs"], cut=any(line.startswith("ttt_deadline") for line in lines),
+                          log=lines)
     out["total_seconds"] = clock.now
     return out
 
@@ -345,11 +380,11 @@ def time_train_phases(args: tg.Hyperparameters, rt: tg.Runtime, loader, accum: i
                 marks.update(ledger=ledger.mark() if ledger else 0, t=time.perf_counter())
 
         t0 = time.perf_counter()
-        per_step, loop_seconds, ema = tg.train(phase_args, model, loader, rt, accum, log, budget_seconds=1e9)
+        ran, loop_seconds, ema = tg.train(phase_args, model, loader, rt, accum, log, budget_seconds=1e9)
         calls, nbytes, comm = ledger.since(marks["ledger"]) if ledger else (0, 0, 0.0)
-        out[name] = dict(passes=len(model.orders[looping]), step_ms=1000 * loop_seconds / per_step, steps=per_step,
-                         warmup_seconds=marks["t"] - t0, allreduce_calls_per_step=calls / per_step,
-                         allreduce_bytes_per_step=nbytes / per_step, allreduce_ms_per_step=1000 * comm / per_step)
+        out[name] = dict(passes=len(model.orders[looping]), step_ms=1000 * loop_seconds / ran, steps=ran,
+                         warmup_seconds=marks["t"] - t0, allreduce_calls_per_step=calls / ran,
+                         allreduce_bytes_per_step=nbytes / ran, allreduce_ms_per_step=1000 * comm / ran)
     return out, model, ema
 
 
@@ -474,16 +509,16 @@ def measure_eval(args: tg.Hyperparameters, rt: tg.Runtime, a, float_model, confi
     """Rank 0's evaluation in run()'s order, timing each fixed phase once and each pass by a sample of its
     batches (after `warm` untimed ones): zstd-22 + write of the artifact; the pre-quant pass's compilation
     (first batch of the compiled float model, less one batch) and batches; loading the artifact;
-    compilation and warm-up of the evaluation graphs (maybe_compile + warm_up_eval_graphs); round-trip and
-    sliding batches; TTT (measure_ttt); window set-up and finalize of one pass. With a.full also the whole
-    of each pass (train_gpt's evaluate / evaluate_ttt; the TTT deadline shifted by the modelled all-reduces)."""
+    compilation and warm-up of the evaluation graphs (maybe_compile + warm_up_eval_graphs); round-trip batches;
+    window set-up and finalize of one pass; the final pass: TTT (measure_ttt) or, with TTT_ENABLED=0, sliding
+    batches. With a.full also the whole of each plain pass (train_gpt's evaluate; project() runs TTT's)."""
     device, n, seq_len, warm = rt.device, tokens.numel() - 1, args.train_seq_len, 3
     out: dict = {"full": {}}
     pack_s, blob = timed(lambda: tg.pack_artifact(config, entries), device)
     write_s, _ = timed(lambda: tg.atomic_write(artifact_path, blob), device)
     out.update(compress_seconds=pack_s + write_s, artifact_bytes=len(blob))
     dummy_bytes = torch.ones(n, dtype=torch.int64)
-    windows = {name: rank_windows(args, n, seq_len if name != "sliding" else args.eval_stride, rt) for name in PASSES}
+    windows = {name: rank_windows(args, n, pass_stride(args, name), rt) for name in plain_passes(args)}
     board = tg.ScoreBoard(n, device)
 
     def sample(name: str, model_fn) -> None:
@@ -495,7 +530,7 @@ def measure_eval(args: tg.Hyperparameters, rt: tg.Runtime, a, float_model, confi
 
     def full(name: str, model_fn) -> None:
         if a.full:
-            mark, stride = ledger.mark(), seq_len if name != "sliding" else args.eval_stride
+            mark, stride = ledger.mark(), pass_stride(args, name)
             with patched(tg.ScoreBoard, finalize=partial_finalize):
                 out["full"][name], _ = timed(lambda: tg.evaluate(model_fn, tokens, dummy_bytes, stride, args, rt),
                                              device)
@@ -518,18 +553,21 @@ def measure_eval(args: tg.Hyperparameters, rt: tg.Runtime, a, float_model, confi
         sample("prequant", model_fn)
         out["prequant_compile_seconds"] = out["warmup_seconds"]  # a second compilation of the same size
         full("prequant", model_fn)
-    for name in ("roundtrip", "sliding"):
-        sample(name, model_fn)
-        full(name, model_fn)
+    sample("roundtrip", model_fn)
+    full("roundtrip", model_fn)
 
     def finalize_pass():
-        tg.sliding_windows(n, seq_len, args.eval_stride)  # what evaluate() computes first
+        tg.sliding_windows(n, seq_len, args.eval_stride)  # what evaluate() / evaluate_ttt compute first
         b = tg.ScoreBoard(n, device)
         b.count.fill_(1)
         b.finalize(dummy_bytes, rt)
 
     out["pass_overhead_seconds"], _ = timed(finalize_pass, device)
-    out["ttt"] = measure_ttt(model, model_fn, tokens, args, rt, 2, a.sample_chunks) if args.ttt_enabled else {}
+    if args.ttt_enabled:
+        out["ttt"] = measure_ttt(model, model_fn, tokens, args, rt, 2, a.sample_chunks)
+    else:
+        sample("sliding", model_fn)
+        full("sliding", model_fn)
     out["_model"], out["_model_fn"] = model, model_fn
     return out
 
@@ -573,10 +611,11 @@ def project_training(args: tg.Hyperparameters, train: dict, ddp_seconds: float, 
     return out
 
 
-def eval_units(m: dict) -> tuple[dict, dict, float]:
+def eval_units(args: tg.Hyperparameters, m: dict) -> tuple[dict, dict, float]:
     """(seconds per unit for virtual_eval, seconds ahead of each pass, overhead per pass) from measure_eval."""
-    unit = {name: m[name + "_batch_s"] for name in PASSES}
-    unit.update(ttt_score=m["ttt"].get("score_batch_s", 0.0), ttt_step=m["ttt"].get("step_s", 0.0))
+    unit = {name: m[name + "_batch_s"] for name in plain_passes(args)}
+    if args.ttt_enabled:
+        unit.update(ttt_score=m["ttt"]["score_batch_s"], ttt_step=m["ttt"]["step_s"])
     before = {"prequant": m["compress_seconds"] + m["prequant_compile_seconds"],
               "roundtrip": m["load_seconds"] + m["warmup_seconds"]}
     return unit, before, m["pass_overhead_seconds"]
@@ -608,37 +647,36 @@ def print_training(args: tg.Hyperparameters, info: dict, train: dict, p: dict, c
 
 def eval_rows(args: tg.Hyperparameters, m: dict, proj: dict) -> list[tuple]:
     """(label, count, seconds per unit or None, seconds, full-run seconds or None) of each evaluation phase."""
-    full, ttt = m["full"], proj.get("ttt")
+    full, names = m["full"], passes(args)
 
     def fixed(label: str, key: str) -> tuple:  # measured once; the same in a full run
         return label, 1, None, m[key], m[key]
 
-    def batches(label: str, key: str, count: int, full_key: str) -> tuple:
-        return label, count, m[key], count * m[key], full.get(full_key)
+    def batches(label: str, name: str) -> tuple:  # a plain pass
+        count = proj[name]["batches"]
+        return (f"{label} pass (stride {pass_stride(args, name)})", count, m[name + "_batch_s"],
+                count * m[name + "_batch_s"], full.get(name))
 
     rows = [fixed("artifact zstd-22 + write", "compress_seconds"),
             fixed("pre-quant compile", "prequant_compile_seconds"),
-            batches(f"pre-quant pass (stride {args.train_seq_len})", "prequant_batch_s", proj["prequant"]["batches"],
-                    "prequant"),
+            batches("pre-quant", "prequant"),
             fixed("artifact load", "load_seconds"),
             fixed("compile + warm-up", "warmup_seconds"),
-            batches(f"round-trip pass (stride {args.train_seq_len})", "roundtrip_batch_s", proj["roundtrip"]["batches"],
-                    "roundtrip"),
-            batches(f"sliding pass (stride {args.eval_stride})", "sliding_batch_s", proj["sliding"]["batches"],
-                    "sliding")]
-    if ttt:
-        t = m["ttt"]
-        rows += [("TTT score", ttt["batches"], t["score_batch_s"], ttt["batches"] * t["score_batch_s"],
-                  full.get("ttt_score")),
+            batches("round-trip", "roundtrip")]
+    if args.ttt_enabled:
+        ttt, t = proj["ttt"], m["ttt"]
+        rows += [(f"TTT score (stride {args.eval_stride})", ttt["batches"], t["score_batch_s"],
+                  ttt["batches"] * t["score_batch_s"], full.get("ttt_score")),
                  (f"TTT train ({ttt['rank_seqs']} x {args.train_seq_len} per step)", ttt["steps"], t["step_s"],
                   ttt["steps"] * t["step_s"], full.get("ttt_train"))]
-    passes = [p for p in PASSES + ("ttt",) if p in proj]
+    else:
+        rows.append(batches("sliding", "sliding"))
     ttt_rest = full["ttt"] - full["ttt_score"] - full["ttt_train"] if "ttt" in full else None  # its set-up, finalize
-    rows.append(("pass set-up + finalize", len(passes), m["pass_overhead_seconds"],
-                 len(passes) * m["pass_overhead_seconds"], ttt_rest))
+    rows.append(("pass set-up + finalize", len(names), m["pass_overhead_seconds"],
+                 len(names) * m["pass_overhead_seconds"], ttt_rest))
     full_comm = sum(v for k, v in full.items() if k.endswith("_comm")) if full else None
-    rows.append(("all-reduce (modelled)", sum(proj[p]["comm_calls"] for p in passes), None,
-                 sum(proj[p]["comm_seconds"] for p in passes), full_comm))
+    rows.append(("all-reduce (modelled)", sum(proj[p]["comm_calls"] for p in names), None,
+                 sum(proj[p]["comm_seconds"] for p in names), full_comm))
     return rows
 
 
@@ -655,28 +693,45 @@ def print_eval(a, args: tg.Hyperparameters, counts: dict, m: dict, proj: dict, n
     full_total = f"{m['full'].get('total', math.nan):>10.1f}" if a.full else ""
     print(f"{'total':<40}{'':>18}{proj['total_seconds']:>10.1f}{full_total}")
     print(f"margin: {limit - proj['total_seconds']:.1f} s under {limit:g} s; "
-          f"{0.9 * limit - need['total_seconds']:.1f} s under {0.9 * limit:g} s (10 % margin; without the TTT "
-          f"deadline the run needs {need['total_seconds']:.1f} s)")
-    ttt = proj.get("ttt")
-    if ttt:
-        trainable = ttt["chunks"] - 1
-        if ttt["cut"]:
-            print(f"TTT DEADLINE: adaptation stops after {ttt['trained_chunks']:,} of {trainable:,} chunks "
-                  "(train_gpt's own rule); the remaining chunks are only scored, so the score gets worse")
-        else:
-            print(f"TTT deadline not reached: all {trainable:,} trainable chunks are trained")
-        if "ttt_trained_chunks" in m["full"]:
-            print(f"full run: TTT trained {m['full']['ttt_trained_chunks']:,} chunks")
-    c, t = counts, m["ttt"]
-    print(f"counts (rank 0 of {w}, n={c['n_targets']:,}): round-trip {c['roundtrip_windows']:,} windows = "
-          f"{c['roundtrip_batches']:,} batches of {args.eval_batch_seqs}; sliding {c['sliding_windows']:,} windows = "
-          f"{c['sliding_batches']:,} batches" + (f"; TTT {c['ttt_chunks']:,} chunks, {c['ttt_score_batches']:,} score "
-                                                 f"batches, {c['ttt_steps']:,} steps of {c['ttt_rank_seqs']} sequences "
-                                                 f"({c['ttt_seqs_per_step']} a global step)" if ttt else ""))
-    print(f"sampled: {m['prequant_batches_sampled']} pre-quant, {m['roundtrip_batches_sampled']} round-trip, "
-          f"{m['sliding_batches_sampled']} sliding batches"
-          + (f"; TTT {t['chunks_sampled']} chunks = {t['batches_sampled']} batches + {t['steps_sampled']} steps"
-             if t else ""))
+          f"{0.9 * limit - need['total_seconds']:.1f} s under {0.9 * limit:g} s (10 % margin"
+          + (f"; without the TTT deadline the run needs {need['total_seconds']:.1f} s)" if args.ttt_enabled else ")"))
+    if args.ttt_enabled:
+        print_ttt_verdict(proj["ttt"], m["full"])
+    print(counts_line(args, counts, w))
+    print(sampled_line(args, m))
+
+
+def print_ttt_verdict(ttt: dict, full: dict) -> None:
+    """Whether TTT's deadline rule stops adaptation in the projection (and how many chunks a --full run trained)."""
+    trainable = ttt["chunks"] - 1
+    if ttt["cut"]:
+        print(f"TTT DEADLINE: adaptation stops after {ttt['trained_chunks']:,} of {trainable:,} chunks "
+              "(train_gpt's own rule); the remaining chunks are only scored, so the score gets worse")
+    else:
+        print(f"TTT deadline not reached: all {trainable:,} trainable chunks are trained")
+    if "ttt_trained_chunks" in full:
+        print(f"full run: TTT trained {full['ttt_trained_chunks']:,} chunks")
+
+
+def counts_line(args: tg.Hyperparameters, c: dict, world: int) -> str:
+    """The counts behind the table: rank 0's windows and score batches of the round-trip (and pre-quant) pass,
+    then of the final pass: TTT's chunks, score batches and steps, or the sliding pass's windows and batches."""
+    line = (f"counts (rank 0 of {world}, n={c['n_targets']:,}): round-trip {c['roundtrip_windows']:,} windows = "
+            f"{c['roundtrip_batches']:,} batches of {args.eval_batch_seqs}; ")
+    if args.ttt_enabled:
+        return line + (f"TTT {c['ttt_chunks']:,} chunks, {c['ttt_score_batches']:,} score batches, {c['ttt_steps']:,} "
+                       f"steps of {c['ttt_rank_seqs']} sequences ({c['ttt_seqs_per_step']} a global step)")
+    return line + f"sliding {c['sliding_windows']:,} windows = {c['sliding_batches']:,} batches"
+
+
+def sampled_line(args: tg.Hyperparameters, m: dict) -> str:
+    """How many score batches (and TTT chunks and steps) each unit time was measured on."""
+    line = f"sampled: {m['prequant_batches_sampled']} pre-quant, {m['roundtrip_batches_sampled']} round-trip"
+    if args.ttt_enabled:
+        t = m["ttt"]
+        return line + (f" batches; TTT {t['chunks_sampled']} chunks = {t['batches_sampled']} batches + "
+                       f"{t['steps_sampled']} steps")
+    return line + f", {m['sliding_batches_sampled']} sliding batches"
 
 
 def print_report(a, info: dict, counts: dict, train: dict | None, tproj: dict | None, comm: dict, m: dict,
@@ -814,7 +869,7 @@ def describe(a, args: tg.Hyperparameters, overrides: dict, device: torch.device,
     """What the report's header states: device, versions, date, code, settings, communication model, and
     whether any rank has more work than rank 0 (this GPU's role)."""
     rank0 = work_counts(args, a.tokens, a.world_size)
-    keys = ("roundtrip_batches", "sliding_batches", "ttt_score_batches", "ttt_steps")
+    keys = [k for k in ("roundtrip_batches", "sliding_batches", "ttt_score_batches", "ttt_steps") if k in rank0]
     others = [work_counts(args, a.tokens, a.world_size, r) for r in range(1, a.world_size)]
     extra = {k: max([c[k] for c in others], default=0) - rank0[k] for k in keys}
     busiest = "rank 0" if max(extra.values()) <= 0 else \
@@ -873,21 +928,20 @@ def project(a) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             m = measure_eval(args, rt, a, model, config, entries, os.path.join(tmp, "artifact.ptz"), tokens, ledger)
         del model
-        unit, before, overhead = eval_units(m)
+        unit, before, overhead = eval_units(args, m)
         replay = lambda deadline: virtual_eval(args, a.tokens, a.world_size, ring, unit, before, overhead,  # noqa: E731
                                                comm["ttt_grad_bytes"], deadline)
         proj, need = replay(args.eval_max_seconds), replay(math.inf)
-        assert [proj[p]["batches"] for p in PASSES] == [counts["roundtrip_batches"]] * 2 + [counts["sliding_batches"]]
-        assert not args.ttt_enabled or (need["ttt"]["batches"], need["ttt"]["steps"]) == \
-            (counts["ttt_score_batches"], counts["ttt_steps"])
+        assert [proj[p]["batches"] for p in passes(args)] == [counts[BATCH_KEYS[p]] for p in passes(args)]
+        assert not args.ttt_enabled or need["ttt"]["steps"] == counts["ttt_steps"]
         model, model_fn = m.pop("_model"), m.pop("_model_fn")
         if a.full:
             f = m["full"]
-            before_ttt = sum(before.values()) + sum(f[p] + f[p + "_comm"] for p in PASSES if p in f)
+            plain = sum(before.values()) + sum(f[p] + f[p + "_comm"] for p in plain_passes(args))
             if args.ttt_enabled:
-                left = args.eval_max_seconds - before_ttt - need["ttt"]["comm_seconds"]
+                left = args.eval_max_seconds - plain - need["ttt"]["comm_seconds"]
                 f.update(full_ttt(args, rt, model, model_fn, tokens, ledger, left))
-            f["total"] = before_ttt + f.get("ttt", 0.0) + f.get("ttt_comm", 0.0)
+            f["total"] = plain + f.get("ttt", 0.0) + f.get("ttt_comm", 0.0)
     print_report(a, info, counts, train, tproj, comm, m, proj, need, args)
     result = dict(info=info, counts={k: v for k, v in counts.items() if not k.startswith("ttt_chunk_")},
                   training=train, training_projection=tproj, comm=comm, eval_measured=m, eval_projection=proj,
@@ -908,7 +962,7 @@ def parse_args(argv=None):
                     "default: the artifact GPTQ makes of the briefly trained model (compresses faster)")
     ap.add_argument("--train-steps", type=int, default=50, help="timed train() steps per graph (after WARMUP_STEPS)")
     ap.add_argument("--sample-batches", type=int, default=40, help="timed score batches per pass (after 3 untimed)")
-    ap.add_argument("--sample-chunks", type=int, default=20, help="timed TTT chunks (after 2 untimed)")
+    ap.add_argument("--sample-chunks", type=int, default=20, help="timed TTT chunks (after 2 untimed; with TTT only)")
     ap.add_argument("--full", action="store_true", help="also run rank 0's whole share of every pass (a check)")
     ap.add_argument("--eval-only", action="store_true",
                     help="skip the training measurement (the pre-quant pass is then timed with the loaded model)")
