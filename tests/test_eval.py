@@ -185,4 +185,3 @@ def test_ttt_deadline_stops_training(val, base_model):
     assert bool((board.count == 1).all())
     assert any(line.startswith("ttt_deadline: stopping adaptation after 1 chunks") for line in lines), lines
     assert any(line.startswith("ttt chunks 32 trained 1 ") for line in lines), lines
-
