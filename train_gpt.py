@@ -1504,7 +1504,10 @@ def ttt_step(model: GPT, model_fn, opt, params, tokens: torch.Tensor, seq_starts
 def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime) -> None:
     """Compile the scoring and TTT graphs on random tokens (never validation tokens); weights unchanged. The inputs are
     views of (rows, seq_len + 1) windows, as in score_windows and ttt_step: torch.compile guards on strides, and
-    contiguous inputs compiled graphs that the real passes could not use (measured: 2 extra compilations, ~170 s)."""
+    contiguous inputs compiled graphs that the real passes could not use (measured: 2 extra compilations, ~170 s).
+    An eager model_fn (the model itself, as maybe_compile gives on CPU) has nothing to compile: no-op."""
+    if model_fn is model:  # eager (CPU): nothing to compile
+        return
     seq_len, vocab = args.train_seq_len, args.vocab_size
     with torch.inference_mode(), autocast(rt.device):
         x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len + 1), device=rt.device)
@@ -1638,7 +1641,7 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     deadline = t_eval + args.eval_max_seconds
 
     bytes_model, bytes_code = os.path.getsize(args.artifact), len(code)
-    bytes_total, fits = bytes_model + bytes_code, bytes_model + bytes_code < ARTIFACT_LIMIT_BYTES
+    fits = (bytes_total := bytes_model + bytes_code) < ARTIFACT_LIMIT_BYTES
     log(f"artifact {args.artifact} bytes_model {bytes_model} bytes_code {bytes_code} bytes_total {bytes_total} "
         f"(limit {ARTIFACT_LIMIT_BYTES}: {'OK' if fits else 'OVER THE LIMIT'})")
 
@@ -1650,8 +1653,7 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
         raise ValueError(f"artifact was built for vocab {config['vocab_size']} / seq_len {config['max_seq_len']}; "
                          "set VOCAB_SIZE and TRAIN_SEQ_LEN to match")
     model_fn = maybe_compile(model, rt.device)
-    if rt.device.type == "cuda":  # eager on CPU: nothing to compile
-        warm_up_eval_graphs(model, model_fn, args, rt)
+    warm_up_eval_graphs(model, model_fn, args, rt)
     log(f"eval_graphs compiled eval_time {time.perf_counter() - t_eval:.1f}s")
     loss, bpb, board = evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt)
     log(f"final roundtrip val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")

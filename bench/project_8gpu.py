@@ -547,8 +547,7 @@ def measure_eval(args: tg.Hyperparameters, rt: tg.Runtime, a, float_model, confi
         del fn
     out["load_seconds"], (model, _) = timed(lambda: tg.load_artifact_model(artifact_path, device), device)
     compile_s, model_fn = timed(lambda: tg.maybe_compile(model, device), device)
-    warm_s, _ = timed(lambda: tg.warm_up_eval_graphs(model, model_fn, args, rt) if device.type == "cuda" else None,
-                      device)
+    warm_s, _ = timed(lambda: tg.warm_up_eval_graphs(model, model_fn, args, rt), device)
     out["warmup_seconds"] = compile_s + warm_s  # the scoring graph is the pre-quant pass's: reused, as in run()
     if float_model is None:  # --eval-only: the pre-quant pass is timed with the loaded model's graph; the warm-up
         sample("prequant", model_fn)  # compiled the scoring graph, which run() compiles once, for the pre-quant pass

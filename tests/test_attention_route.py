@@ -266,6 +266,14 @@ def test_warm_up_compiles_the_graphs_the_passes_use(fa4_standin, tokenizer, doc_
     torch._dynamo.reset()
 
 
+def test_warm_up_leaves_an_eager_model_alone(monkeypatch):
+    """On CPU maybe_compile returns the model itself: warm_up_eval_graphs then runs nothing (no forward, no grads)."""
+    model = tiny_model(seed=5, doc_mask=True)
+    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("warm-up ran an eager model"))
+    tg.warm_up_eval_graphs(model, model, tg.Hyperparameters(vocab_size=320, train_seq_len=64), runtime())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_flash4_op_passes_opcheck(fa4_standin):
     """torch.library.opcheck (schema, fake tensors against the real outputs, autograd registration) of both
     directions of `tg.flash4`, dense and variable-length."""
