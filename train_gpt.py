@@ -19,6 +19,7 @@ import datetime
 import difflib
 import glob
 import hashlib
+import heapq
 import importlib.metadata
 import inspect
 import io
@@ -134,6 +135,12 @@ class Hyperparameters:
     ttt_momentum: float = 0.9
     ttt_batch_seqs: int = 32
     ttt_grad_clip: float = 1.0
+    ttt_mode: str = "global"  # global: the chunked SGD above; lora: per-document LoRA adapters (R6/R7), below
+    ttt_lora_rank: int = 32
+    ttt_lora_lr: float = 3e-4  # Adam with beta1 0, beta2 0.999 (R6/R7), one state per document
+    ttt_lora_chunk: int = 48  # targets of a document scored, then trained on, per step
+    ttt_lora_docs: int = 64  # documents adapted side by side (batch rows)
+    ttt_lora_buckets: int = 1  # row lengths TRAIN_SEQ_LEN / 2^i, i < N, one compiled graph each
 
     @classmethod
     def from_env(cls, environ=os.environ) -> tuple["Hyperparameters", dict[str, str]]:
@@ -153,9 +160,10 @@ class Hyperparameters:
         """Raise ValueError naming the first inconsistent setting."""
         positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "train_batch_tokens", "train_seq_len", "micro_batch_tokens", "eval_stride", "eval_batch_seqs",
-                    "ttt_chunk_tokens", "ttt_batch_seqs", "log_every", "iterations")
+                    "ttt_chunk_tokens", "ttt_batch_seqs", "log_every", "iterations", "ttt_lora_rank", "ttt_lora_chunk",
+                    "ttt_lora_docs", "ttt_lora_buckets")
         for name in positive + ("matrix_lr", "embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
-                                "grad_accum_steps", "gptq_calib_batches", "warmup_steps", "ttt_epochs"):
+                                "grad_accum_steps", "gptq_calib_batches", "warmup_steps", "ttt_epochs", "ttt_lora_lr"):
             value = getattr(self, name)
             if value < 0 or (value == 0 and name in positive):
                 raise ValueError(f"{name.upper()} must be {'positive' if name in positive else '>= 0'}, got {value}")
@@ -174,6 +182,9 @@ class Hyperparameters:
             (self.attention in ("auto", "flash", "sdpa"), f"ATTENTION must be auto, flash or sdpa: {self.attention!r}"),
             (not self.attn_gate or self.model_dim >= GATE_INPUTS, f"ATTN_GATE needs MODEL_DIM >= {GATE_INPUTS}"),
             (self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be at least 2"),
+            (self.ttt_mode in ("global", "lora"), f"TTT_MODE must be global or lora: {self.ttt_mode!r}"),
+            (self.train_seq_len % 2 ** (self.ttt_lora_buckets - 1) == 0,
+             "TRAIN_SEQ_LEN must be a multiple of 2^(TTT_LORA_BUCKETS-1)"),
             (self.train_seq_len % self.eval_stride == 0, "TRAIN_SEQ_LEN must be a multiple of EVAL_STRIDE"),
             (self.ttt_chunk_tokens % self.train_seq_len == 0,
              "TTT_CHUNK_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
@@ -1365,10 +1376,13 @@ class ScoreBoard:
         self.nll = torch.zeros(n_targets, device=device)
         self.count = torch.zeros(n_targets, device=device, dtype=torch.int32)
 
-    def add(self, targets: torch.Tensor, nll: torch.Tensor) -> None:
-        """Record the NLL of the given target indices (int64 (k,), nll (k,))."""
-        self.nll.index_put_((targets,), nll.float(), accumulate=True)
-        self.count.index_put_((targets,), torch.ones_like(targets, dtype=torch.int32), accumulate=True)
+    def add(self, targets: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Record the NLL of the given target indices (int64 (k,), nll (k,)); with a bool mask (k,) only where it is
+        set (without the host sync of indexing by it)."""
+        nll, ones = (nll.float(), torch.ones_like(targets, dtype=torch.int32)) if mask is None else \
+            (torch.where(mask, nll.float(), 0.0), mask.int())
+        self.nll.index_put_((targets,), nll, accumulate=True)
+        self.count.index_put_((targets,), ones, accumulate=True)
 
     def finalize(self, bytes_per_target: torch.Tensor, rt: Runtime) -> tuple[float, float]:
         """All-reduce, check every target was scored exactly once, return (mean NLL, bpb)."""
@@ -1512,13 +1526,171 @@ def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime
     with torch.inference_mode(), autocast(rt.device):
         x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len + 1), device=rt.device)
         model_fn(x[:, :-1], x[:, 1:], "none", model.segments(x[:, :-1]))
-    if args.ttt_enabled:
+    if args.ttt_enabled and args.ttt_mode == "global":  # TTT_MODE=lora compiles its own graphs
         rank_seqs = math.ceil(min(args.ttt_batch_seqs, args.ttt_chunk_tokens // seq_len) / rt.world_size)
         x = torch.randint(0, vocab, (rank_seqs, seq_len + 1), device=rt.device)
         with autocast(rt.device):
             model_fn(x[:, :-1], x[:, 1:], "none", model.segments(x[:, :-1])).float().sum().backward()
         model.zero_grad(set_to_none=True)
     synchronize(rt.device)
+
+
+# Per-document LoRA TTT (TTT_MODE=lora; R6 PR #1667 / R7 PR #1530): each document gets fresh adapters, read in chunks.
+LORA_BETA2, LORA_CHECK_EVERY, LORA_SCORE_COST = 0.999, 32, 0.5  # Adam beta2; steps between deadline checks (each
+# synchronizes the device); assumed cost of a step that only scores (a forward) relative to one that also adapts
+
+
+def document_spans(tokens: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, lengths), int64 on CPU, of the stream's documents in order: one starts at 0 and at every BOS and owns
+    the targets whose input token it holds, so the spans partition targets 0..n-1 (tokens (n+1,), target j =
+    tokens[j+1]); a stream that does not begin with BOS starts with a partial document, scored like the others."""
+    n = tokens.numel() - 1
+    starts = torch.cat((torch.zeros(1, dtype=torch.int64), (tokens[1:n].cpu() == bos_id).nonzero().flatten() + 1))
+    return starts, torch.diff(starts, append=torch.tensor([n]))
+
+
+def lora_schedule(starts: torch.Tensor, lengths: torch.Tensor, rows: int, chunk: int, seq_len: int,
+                  widths: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Which chunk of which document each of `rows` batch rows processes at each step. Documents start in stream order,
+    never reordered (R6 sorts them by length): the first `rows` start together, then each takes the row that frees
+    first (lowest index on ties), so no row waits for the longest document of a group. Chunk k of a document of n
+    targets scores targets k*chunk .. min((k+1)*chunk, n)-1 of it, reading the latest <= seq_len tokens of the
+    document up to its end. Returns plan (steps, rows, 5) int64: the window's first input position, its length (0: idle
+    row), its first scored offset, 1 if the step trains on the chunk (all but a document's last), 1 if the row starts a
+    document; and per step its row length: the shortest of `widths` that holds its longest window."""
+    chunks, free, first, row = (lengths + chunk - 1) // chunk, [(0, r) for r in range(rows)], [], []
+    for c in chunks.tolist():
+        t, r = heapq.heappop(free)
+        first.append(t)
+        row.append(r)
+        heapq.heappush(free, (t + c, r))
+    doc = torch.repeat_interleave(torch.arange(len(chunks)), chunks)
+    k = torch.arange(len(doc)) - torch.repeat_interleave(chunks.cumsum(0) - chunks, chunks)
+    hi = torch.minimum((k + 1) * chunk, lengths[doc])
+    lo, step = (hi - seq_len).clamp_min(0), torch.tensor(first, dtype=torch.int64)[doc] + k
+    plan = torch.zeros(int(step.max()) + 1 if len(doc) else 0, rows, 5, dtype=torch.int64)
+    plan[step, torch.tensor(row, dtype=torch.int64)[doc]] = torch.stack(
+        (starts[doc] + lo, hi - lo, k * chunk - lo, (k < chunks[doc] - 1).long(), (k == 0).long()), 1)
+    widths = torch.tensor(sorted(widths))
+    return plan, widths[torch.searchsorted(widths, plan[:, :, 1].amax(1))].tolist()
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus one adapter per batch row (LoRA, Hu et al. 2021): x (G, T, in) -> base(x) + (x @ a_g)
+    @ b_g with a (G, in, r), b (G, r, out); `lora_step`'s learning rate absorbs LoRA's alpha / r."""
+
+    def __init__(self, base: nn.Linear, a: nn.Parameter, b: nn.Parameter):
+        super().__init__()
+        self.base, self.a, self.b = base, a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.a) @ self.b
+
+
+class DocumentLoRA:
+    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) of a frozen model, one per
+    batch row, installed as LoRALinear wrappers until `remove`. All layers' A then B of row g are views of row g of one
+    (G, P) tensor, as are Adam's second moments, so resetting or updating rows is one masked op over all layers. A
+    fresh adapter is `init`: A uniform in +-1/sqrt(in) from a fixed seed (the same for every document), B zero."""
+
+    def __init__(self, model: GPT, rows: int, rank: int, device: torch.device):
+        self.model, self.layers = model, [(m, name, lin) for block in model.blocks for m in (block.attn, block.mlp)
+                                          for name, lin in m.named_children() if isinstance(lin, nn.Linear)]
+        model.requires_grad_(False)
+        sizes = [(lin.in_features * rank, rank * lin.out_features) for _, _, lin in self.layers]
+        self.weights = torch.zeros(rows, sum(map(sum, sizes)), device=device)
+        self.v, self.steps = torch.zeros_like(self.weights), torch.zeros(rows, 1, device=device)
+        self.params, init, offset = [], [], 0
+        gen = torch.Generator().manual_seed(0)
+        for (m, name, lin), (size_a, size_b) in zip(self.layers, sizes):
+            a = nn.Parameter(self.weights[:, offset : offset + size_a].view(rows, lin.in_features, rank))
+            b = nn.Parameter(self.weights[:, offset + size_a : offset + size_a + size_b].view(rows, rank, -1))
+            setattr(m, name, LoRALinear(lin, a, b))
+            init += [(torch.rand(size_a, generator=gen) * 2 - 1) * lin.in_features**-0.5, torch.zeros(size_b)]
+            self.params, offset = self.params + [a, b], offset + size_a + size_b
+        self.init = torch.cat(init).to(device)
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Fresh adapters and Adam state for the rows where `rows` (G,) bool is set."""
+        self.weights.copy_(torch.where(rows[:, None], self.init, self.weights))
+        self.v.masked_fill_(rows[:, None], 0.0)
+        self.steps.masked_fill_(rows[:, None], 0.0)
+
+    def update(self, grads: list[torch.Tensor], train: torch.Tensor, lr: float) -> None:
+        """One Adam step (beta1 0, bias-corrected beta2) per row, rows counted by train (G,) 0/1."""
+        g = torch.cat([x.flatten(1) for x in grads], 1)
+        self.steps += train[:, None]
+        self.v.mul_(LORA_BETA2).addcmul_(g, g, value=1 - LORA_BETA2)
+        v_hat = self.v / (1 - LORA_BETA2**self.steps).clamp_min(1 - LORA_BETA2)
+        self.weights.sub_(lr * g / (v_hat.sqrt() + 1e-8))
+
+    def remove(self) -> None:
+        for m, name, lin in self.layers:
+            setattr(m, name, lin)
+        self.model.requires_grad_(True)
+
+
+def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Tensor, width: int, board: ScoreBoard,
+              adapting: bool, lr: float) -> None:
+    """One step of every row (plan (G, 5) as in lora_schedule): reset the rows that start a document, score each row's
+    chunk into board, then, if adapting, one Adam step per row on the mean loss of its chunk unless that is its
+    document's last. The scores come from this step's forward, before the update that uses them. Each window sits at
+    the start of a (G, width) row padded with token 0 (causal attention: padding never reaches it); no host sync."""
+    start, length, score_from, train, reset = plan.unbind(1)
+    i = torch.arange(width, device=tokens.device)
+    real = i < length[:, None]
+    pos = torch.where(real, start[:, None] + i, 0)
+    x, y = torch.where(real, tokens[pos], 0), torch.where(real, tokens[pos + 1], 0)
+    scored = real & (i >= score_from[:, None])
+    lora.reset(reset.bool())
+    with autocast(tokens.device):
+        nll = model_fn(x, y, "none").float()
+    board.add(pos.flatten(), nll.detach().flatten(), scored.flatten())
+    if adapting:
+        weight = (scored & train.bool()[:, None]) / scored.sum(1, keepdim=True).clamp_min(1)
+        lora.update(torch.autograd.grad((nll * weight).sum(), lora.params), train, lr)
+
+
+def evaluate_lora_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters,
+                      rt: Runtime, log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
+    """Score-first per-document LoRA TTT (R6 PR #1667 / R7 PR #1530): every target is scored once, before any update
+    that used it, and no document's score depends on another (fresh adapters per document; each row holds one).
+    Each rank takes consecutive documents (balanced by chunk count) and runs them TTT_LORA_DOCS at a time
+    (lora_schedule); the graphs of every row length are compiled first on random tokens, never validation tokens. If
+    the projected time passes `deadline` (perf_counter s), adapting stops, the remaining steps only score (logged)."""
+    n, device, rows, chunk = tokens.numel() - 1, rt.device, args.ttt_lora_docs, args.ttt_lora_chunk
+    starts, lengths = document_spans(tokens, model.bos_id)
+    chunks = (lengths + chunk - 1) // chunk
+    mine = (chunks.cumsum(0) - chunks) * rt.world_size // chunks.sum() == rt.rank
+    plan, widths = lora_schedule(starts[mine], lengths[mine], rows, chunk, args.train_seq_len,
+                                 [args.train_seq_len >> i for i in range(args.ttt_lora_buckets)])
+    plan, board, lora = plan.to(device), ScoreBoard(n, device), DocumentLoRA(model, rows, args.ttt_lora_rank, device)
+    try:
+        model_fn, adapting, adapted = maybe_compile(model, device), True, 0
+        for width in sorted(set(widths)):  # compile warm-up: one full training step per row length
+            noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)
+            fake = torch.tensor([[r * width, width, 0, 1, 1] for r in range(rows)], device=device)
+            lora_step(model_fn, lora, noise, fake, width, ScoreBoard(rows * width, device), True, args.ttt_lora_lr)
+        lora.reset(torch.ones(rows, dtype=torch.bool, device=device))
+        synchronize(device)
+        t0 = time.perf_counter()
+        for t, width in enumerate(widths):
+            if adapting and t and t % LORA_CHECK_EVERY == 0:
+                synchronize(device)
+                now = time.perf_counter()
+                if now + (now - t0) / t * (LORA_CHECK_EVERY + LORA_SCORE_COST * (len(widths) - t)) > deadline:
+                    adapting = False
+                    log(f"ttt_deadline: stopping adaptation after {t} of {len(widths)} steps; the rest are scored "
+                        f"without training (EVAL_MAX_SECONDS={args.eval_max_seconds})")
+            lora_step(model_fn, lora, tokens, plan[t], width, board, adapting, args.ttt_lora_lr)
+            adapted += adapting
+        synchronize(device)
+    finally:
+        lora.remove()
+    loss, bpb = board.finalize(bytes_per_target, rt)
+    log(f"ttt_lora documents {int(mine.sum())} of {len(starts)} steps {len(widths)} adapted {adapted} rows {rows} "
+        f"time {time.perf_counter() - t0:.1f}s")
+    return loss, bpb, board
 
 
 # ---- 9. Main ---------------------------------------------------------------------------------
@@ -1659,8 +1831,9 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     log(f"final roundtrip val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")
     summary.update(roundtrip_val_bpb=round(bpb, 6))
     if args.ttt_enabled:  # TTT scores the sliding windows itself (a plain sliding score: EVAL_ONLY=1 TTT_ENABLED=0)
-        final, (loss, bpb, board) = "ttt", evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log,
-                                                        deadline)
+        final, (loss, bpb, board) = "ttt", (
+            evaluate_lora_ttt(model, val_tokens, bytes_per_target, args, rt, log, deadline) if args.ttt_mode == "lora"
+            else evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log, deadline))
     else:
         final, (loss, bpb, board) = "sliding", evaluate(model_fn, val_tokens, bytes_per_target, args.eval_stride, args, rt)
     log(f"final {final} val_loss {loss:.6f} val_bpb {bpb:.6f} stride {args.eval_stride} "
