@@ -195,3 +195,25 @@ def test_model_is_restored_and_global_mode_is_the_default(stream, model):
     assert tg.Hyperparameters().ttt_mode == "global"
     with pytest.raises(ValueError, match="TTT_MODE"):
         tg.Hyperparameters(ttt_mode="sorted").validate()
+
+
+def test_bench_runs_on_cpu(tmp_path, tokenizer, data_dir):
+    """bench/ttt_lora.py runs on CPU with a tiny model, compiled (aot_eager): one graph per row length, none after the
+    warm-up; finite positive timings and projections (a larger set takes longer), and the three bpb figures."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, TINY_ENV, script_env, tiny_model_env
+    env = script_env(**TINY_ENV, **tiny_model_env(tokenizer.vocab_size), DATA_PATH=str(data_dir),
+                     TOKENIZER_PATH=str(tokenizer.path), TTT_LORA_DOCS="4", TTT_LORA_BUCKETS="2", TTT_LORA_CHUNK="16")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "ttt_lora.py"), "--docs", "12", "--compile-cpu",
+                           "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["graphs"] == 2 and r["graphs_after_warmup"] == 0 and r["docs"] == 12 and r["steps"] > 0
+    assert r["ms_per_step"] > 0 and r["tokens_per_second"] > 0
+    assert 0 < r["p300"]["seconds"] < r["fineweb_rank"]["seconds"] and r["fineweb_rank"]["targets"] == 7_752_704
+    assert all(0 < r[k] < 20 for k in ("bpb_no_ttt", "bpb_global", "bpb_lora"))
+    assert "projected p300" in proc.stdout and "bpb of these documents" in proc.stdout
