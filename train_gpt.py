@@ -140,7 +140,8 @@ class Hyperparameters:
     ttt_lora_lr: float = 3e-4  # Adam with beta1 0, beta2 0.999 (R6/R7), one state per document
     ttt_lora_chunk: int = 48  # targets of a document scored, then trained on, per step
     ttt_lora_docs: int = 64  # documents adapted side by side (batch rows)
-    ttt_lora_buckets: int = 1  # row lengths TRAIN_SEQ_LEN / 2^i, i < N, one compiled graph each
+    ttt_lora_context: int = 2048  # tokens of its document a chunk's window reads, at most (and <= TRAIN_SEQ_LEN)
+    ttt_lora_buckets: int = 1  # row lengths TTT_LORA_CONTEXT / 2^i, i < N, one compiled graph each
 
     @classmethod
     def from_env(cls, environ=os.environ) -> tuple["Hyperparameters", dict[str, str]]:
@@ -156,12 +157,16 @@ class Hyperparameters:
         args.validate()
         return args, overrides
 
+    @property
+    def lora_context(self) -> int:
+        return min(self.ttt_lora_context, self.train_seq_len)
+
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent setting."""
         positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "train_batch_tokens", "train_seq_len", "micro_batch_tokens", "eval_stride", "eval_batch_seqs",
                     "ttt_chunk_tokens", "ttt_batch_seqs", "log_every", "iterations", "ttt_lora_rank", "ttt_lora_chunk",
-                    "ttt_lora_docs", "ttt_lora_buckets")
+                    "ttt_lora_docs", "ttt_lora_buckets", "ttt_lora_context")
         for name in positive + ("matrix_lr", "embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
                                 "grad_accum_steps", "gptq_calib_batches", "warmup_steps", "ttt_epochs", "ttt_lora_lr"):
             value = getattr(self, name)
@@ -183,8 +188,8 @@ class Hyperparameters:
             (not self.attn_gate or self.model_dim >= GATE_INPUTS, f"ATTN_GATE needs MODEL_DIM >= {GATE_INPUTS}"),
             (self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be at least 2"),
             (self.ttt_mode in ("global", "lora"), f"TTT_MODE must be global or lora: {self.ttt_mode!r}"),
-            (self.train_seq_len % 2 ** (self.ttt_lora_buckets - 1) == 0,
-             "TRAIN_SEQ_LEN must be a multiple of 2^(TTT_LORA_BUCKETS-1)"),
+            (self.lora_context % 2 ** (self.ttt_lora_buckets - 1) == 0,
+             "TTT_LORA_CONTEXT must be a multiple of 2^(TTT_LORA_BUCKETS-1)"),
             (self.train_seq_len % self.eval_stride == 0, "TRAIN_SEQ_LEN must be a multiple of EVAL_STRIDE"),
             (self.ttt_chunk_tokens % self.train_seq_len == 0,
              "TTT_CHUNK_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
@@ -1662,8 +1667,8 @@ def evaluate_lora_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.
     starts, lengths = document_spans(tokens, model.bos_id)
     chunks = (lengths + chunk - 1) // chunk
     mine = (chunks.cumsum(0) - chunks) * rt.world_size // chunks.sum() == rt.rank
-    plan, widths = lora_schedule(starts[mine], lengths[mine], rows, chunk, args.train_seq_len,
-                                 [args.train_seq_len >> i for i in range(args.ttt_lora_buckets)])
+    plan, widths = lora_schedule(starts[mine], lengths[mine], rows, chunk, args.lora_context,
+                                 [args.lora_context >> i for i in range(args.ttt_lora_buckets)])
     plan, board, lora = plan.to(device), ScoreBoard(n, device), DocumentLoRA(model, rows, args.ttt_lora_rank, device)
     try:
         model_fn, adapting, adapted = maybe_compile(model, device), True, 0

@@ -35,8 +35,8 @@ FINEWEB_RANK_TARGETS = 62_021_632 // 8  # one rank's share of the challenge's va
 def schedule_cost(lengths: torch.Tensor, args: tg.Hyperparameters) -> tuple[int, int]:
     """(steps, row-tokens) of evaluate_lora_ttt's schedule for documents of these lengths on one rank."""
     starts = torch.cat((torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]))
-    _, widths = tg.lora_schedule(starts, lengths, args.ttt_lora_docs, args.ttt_lora_chunk, args.train_seq_len,
-                                 [args.train_seq_len >> i for i in range(args.ttt_lora_buckets)])
+    _, widths = tg.lora_schedule(starts, lengths, args.ttt_lora_docs, args.ttt_lora_chunk, args.lora_context,
+                                 [args.lora_context >> i for i in range(args.ttt_lora_buckets)])
     return len(widths), sum(widths) * args.ttt_lora_docs
 
 
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
                p300=dict(targets=int(lengths.sum()), steps=p300_steps, seconds=per_row_token * p300_cost),
                fineweb_rank=dict(targets=FINEWEB_RANK_TARGETS, steps=fw_steps, seconds=per_row_token * fw_cost),
                settings={k: getattr(args, k) for k in ("ttt_lora_rank", "ttt_lora_lr", "ttt_lora_chunk",
-                                                        "ttt_lora_docs", "ttt_lora_buckets", "train_seq_len")})
+                                                        "ttt_lora_docs", "ttt_lora_buckets", "ttt_lora_context")})
     print(f"compile warm-up {warm_s:.1f}s, graphs compiled {len(graphs)} ({out['graphs_after_warmup']} after warm-up)")
     print(f"loop {loop_s:.2f}s, {steps} steps, {out['ms_per_step']:.2f} ms/step, {out['tokens_per_second']:,.0f} "
           f"targets/s, {row_tokens / loop_s:,.0f} row-tokens/s (x{row_tokens / (sub.numel() - 1):.1f} padding+context)")
