@@ -128,20 +128,11 @@ class Hyperparameters:
     eval_stride: int = 64
     eval_batch_seqs: int = 32  # windows per forward, per GPU
     eval_max_seconds: float = 600.0  # everything after training; TTT degrades to scoring past it
-    ttt_enabled: bool = True
-    ttt_chunk_tokens: int = 32_768
-    ttt_epochs: int = 3
-    ttt_lr: float = 0.002
-    ttt_momentum: float = 0.9
-    ttt_batch_seqs: int = 32
-    ttt_grad_clip: float = 1.0
-    ttt_mode: str = "global"  # global: the chunked SGD above; lora: per-document LoRA adapters (R6/R7), below
+    ttt_enabled: bool = True  # per-document LoRA TTT (R6/R7); 0: the plain sliding pass is the final score
     ttt_lora_rank: int = 32
     ttt_lora_lr: float = 3e-4  # Adam with beta1 0, beta2 0.999 (R6/R7), one state per document
-    ttt_lora_chunk: int = 48  # targets of a document scored, then trained on, per step
-    ttt_lora_docs: int = 64  # documents adapted side by side (batch rows)
-    ttt_lora_context: int = 2048  # tokens of its document a chunk's window reads, at most (and <= TRAIN_SEQ_LEN)
-    ttt_lora_buckets: int = 1  # row lengths TTT_LORA_CONTEXT / 2^i, i < N, one compiled graph each
+    ttt_lora_chunk: int = 96  # targets of a document scored, then trained on, per step
+    ttt_lora_docs: int = 64  # documents adapted side by side (batch rows of TRAIN_SEQ_LEN tokens)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> tuple["Hyperparameters", dict[str, str]]:
@@ -157,18 +148,13 @@ class Hyperparameters:
         args.validate()
         return args, overrides
 
-    @property
-    def lora_context(self) -> int:
-        return min(self.ttt_lora_context, self.train_seq_len)
-
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent setting."""
         positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "train_batch_tokens", "train_seq_len", "micro_batch_tokens", "eval_stride", "eval_batch_seqs",
-                    "ttt_chunk_tokens", "ttt_batch_seqs", "log_every", "iterations", "ttt_lora_rank", "ttt_lora_chunk",
-                    "ttt_lora_docs", "ttt_lora_buckets", "ttt_lora_context")
-        for name in positive + ("matrix_lr", "embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
-                                "grad_accum_steps", "gptq_calib_batches", "warmup_steps", "ttt_epochs", "ttt_lora_lr"):
+                    "log_every", "iterations", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_docs")
+        for name in positive + ("matrix_lr", "embed_lr", "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm",
+                                "grad_accum_steps", "gptq_calib_batches", "warmup_steps", "ttt_lora_lr"):
             value = getattr(self, name)
             if value < 0 or (value == 0 and name in positive):
                 raise ValueError(f"{name.upper()} must be {'positive' if name in positive else '>= 0'}, got {value}")
@@ -187,12 +173,7 @@ class Hyperparameters:
             (self.attention in ("auto", "flash", "sdpa"), f"ATTENTION must be auto, flash or sdpa: {self.attention!r}"),
             (not self.attn_gate or self.model_dim >= GATE_INPUTS, f"ATTN_GATE needs MODEL_DIM >= {GATE_INPUTS}"),
             (self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be at least 2"),
-            (self.ttt_mode in ("global", "lora"), f"TTT_MODE must be global or lora: {self.ttt_mode!r}"),
-            (self.lora_context % 2 ** (self.ttt_lora_buckets - 1) == 0,
-             "TTT_LORA_CONTEXT must be a multiple of 2^(TTT_LORA_BUCKETS-1)"),
             (self.train_seq_len % self.eval_stride == 0, "TRAIN_SEQ_LEN must be a multiple of EVAL_STRIDE"),
-            (self.ttt_chunk_tokens % self.train_seq_len == 0,
-             "TTT_CHUNK_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
             (0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC must be in [0, 1]"),
             (0.0 <= self.gptq_reserve_seconds < self.max_wallclock_seconds,
              "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
@@ -1436,94 +1417,10 @@ def evaluate(model_fn, tokens: torch.Tensor, bytes_per_target: torch.Tensor, str
     return loss, bpb, board
 
 
-def evaluate_ttt(model: GPT, model_fn, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters,
-                 rt: Runtime, log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
-    """Legal score-first test-time training (R3 / PR #549 recipe), in stream order.
-
-    Targets are cut into chunks of TTT_CHUNK_TOKENS; a sliding window belongs to the chunk of its first scored target.
-    For chunk c: score its windows under inference_mode, then (unless c is the last) train all weights on chunk c's
-    tokens: TTT_EPOCHS passes of SGD+momentum over its sequences, LR cosine-decayed over chunks, gradients all-reduced
-    and clipped. So every target is scored before any update that saw it. If the projected time passes `deadline`
-    (perf_counter s), the remaining chunks are only scored, and the log says so."""
-    n, seq_len, chunk = tokens.numel() - 1, args.train_seq_len, args.ttt_chunk_tokens
-    starts, score_from = sliding_windows(n, seq_len, args.eval_stride)
-    chunk_of = (starts + score_from) // chunk
-    num_chunks = (n + chunk - 1) // chunk
-    seqs_per_step = min(args.ttt_batch_seqs, chunk // seq_len)
-    rank_seqs = math.ceil(seqs_per_step / rt.world_size)
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    board = ScoreBoard(n, rt.device)
-    score_time = train_time = 0.0
-    training, trained_chunks = True, 0
-    window_bounds = torch.searchsorted(chunk_of, torch.arange(num_chunks + 1))
-    for c in range(num_chunks):
-        t0 = time.perf_counter()
-        lo, hi = int(window_bounds[c]), int(window_bounds[c + 1])
-        mine = rank_slice(hi - lo, rt)
-        score_windows(model_fn, tokens, starts[lo:hi][mine], score_from[lo:hi][mine], args.eval_batch_seqs,
-                      seq_len, board, rt.device)
-        synchronize(rt.device)
-        score_time += time.perf_counter() - t0
-        if c == num_chunks - 1:
-            break
-        if training:
-            projected = time.perf_counter() + train_time / max(trained_chunks, 1) + \
-                score_time / (c + 1) * (num_chunks - c - 1)
-            decision = torch.tensor(float(trained_chunks > 0 and projected > deadline), device=rt.device)
-            if all_reduce(decision, rt, dist.ReduceOp.MAX).item() > 0:
-                training = False
-                log(f"ttt_deadline: stopping adaptation after {trained_chunks} chunks; remaining "
-                    f"{num_chunks - c - 1} chunks are scored without training (EVAL_MAX_SECONDS={args.eval_max_seconds})")
-        if not training:
-            continue
-        t1 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = args.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(1, num_chunks - 1)))
-        seq_starts = torch.arange(c * chunk, min((c + 1) * chunk, n) - seq_len + 1, seq_len)
-        for _ in range(args.ttt_epochs):
-            for b in range(0, len(seq_starts), seqs_per_step):
-                ttt_step(model, model_fn, opt, params, tokens, seq_starts[b : b + seqs_per_step], rank_seqs, args, rt)
-        synchronize(rt.device)
-        train_time += time.perf_counter() - t1
-        trained_chunks += 1
-    loss, bpb = board.finalize(bytes_per_target, rt)
-    log(f"ttt chunks {num_chunks} trained {trained_chunks} score_time {score_time:.1f}s train_time {train_time:.1f}s")
-    return loss, bpb, board
-
-
-def ttt_step(model: GPT, model_fn, opt, params, tokens: torch.Tensor, seq_starts: torch.Tensor, rank_seqs: int,
-             args: Hyperparameters, rt: Runtime) -> None:
-    """One SGD step on the sequences starting at seq_starts (already scored), split across ranks.
-
-    Each rank runs a fixed (rank_seqs, seq_len) batch (padded with zero-weight rows) so the compiled
-    graph never changes shape; the loss is the mean over the real tokens of the whole global batch."""
-    seq_len, device = args.train_seq_len, rt.device
-    mine = seq_starts[rt.rank :: rt.world_size].to(device)
-    real = len(mine)
-    weight = torch.zeros(rank_seqs, 1, device=device)
-    weight[:real] = 1.0 / (len(seq_starts) * seq_len)
-    if real < rank_seqs:
-        mine = torch.cat((mine, torch.zeros(rank_seqs - real, dtype=mine.dtype, device=device)))
-    window = tokens[mine[:, None] + torch.arange(seq_len + 1, device=device)]
-    with autocast(device):
-        nll = model_fn(window[:, :-1], window[:, 1:], "none", model.segments(window[:, :-1]))
-    (nll.float() * weight).sum().backward()
-    if rt.distributed:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
-        all_reduce(flat, rt)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
-    torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime) -> None:
-    """Compile the scoring and TTT graphs on random tokens (never validation tokens); weights unchanged. The inputs are
-    views of (rows, seq_len + 1) windows, as in score_windows and ttt_step: torch.compile guards on strides, and
-    contiguous inputs compiled graphs that the real passes could not use (measured: 2 extra compilations, ~170 s).
+    """Compile the scoring graph on random tokens (never validation tokens); weights unchanged. The inputs are views of
+    (rows, seq_len + 1) windows, as in score_windows: torch.compile guards on strides, and contiguous inputs compiled
+    graphs that the real passes could not use (measured: 2 extra compilations, ~170 s). TTT compiles its own graph.
     An eager model_fn (the model itself, as maybe_compile gives on CPU) has nothing to compile: no-op."""
     if model_fn is model:  # eager (CPU): nothing to compile
         return
@@ -1531,16 +1428,10 @@ def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime
     with torch.inference_mode(), autocast(rt.device):
         x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len + 1), device=rt.device)
         model_fn(x[:, :-1], x[:, 1:], "none", model.segments(x[:, :-1]))
-    if args.ttt_enabled and args.ttt_mode == "global":  # TTT_MODE=lora compiles its own graphs
-        rank_seqs = math.ceil(min(args.ttt_batch_seqs, args.ttt_chunk_tokens // seq_len) / rt.world_size)
-        x = torch.randint(0, vocab, (rank_seqs, seq_len + 1), device=rt.device)
-        with autocast(rt.device):
-            model_fn(x[:, :-1], x[:, 1:], "none", model.segments(x[:, :-1])).float().sum().backward()
-        model.zero_grad(set_to_none=True)
     synchronize(rt.device)
 
 
-# Per-document LoRA TTT (TTT_MODE=lora; R6 PR #1667 / R7 PR #1530): each document gets fresh adapters, read in chunks.
+# Score-first per-document LoRA TTT (R6 PR #1667 / R7 PR #1530): each document gets fresh adapters, read in chunks.
 LORA_BETA2, LORA_CHECK_EVERY, LORA_SCORE_COST = 0.999, 32, 0.5  # Adam beta2; steps between deadline checks (each
 # synchronizes the device); assumed cost of a step that only scores (a forward) relative to one that also adapts
 
@@ -1554,15 +1445,14 @@ def document_spans(tokens: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, tor
     return starts, torch.diff(starts, append=torch.tensor([n]))
 
 
-def lora_schedule(starts: torch.Tensor, lengths: torch.Tensor, rows: int, chunk: int, seq_len: int,
-                  widths: list[int]) -> tuple[torch.Tensor, list[int]]:
+def lora_schedule(starts: torch.Tensor, lengths: torch.Tensor, rows: int, chunk: int, seq_len: int) -> torch.Tensor:
     """Which chunk of which document each of `rows` batch rows processes at each step. Documents start in stream order,
     never reordered (R6 sorts them by length): the first `rows` start together, then each takes the row that frees
     first (lowest index on ties), so no row waits for the longest document of a group. Chunk k of a document of n
     targets scores targets k*chunk .. min((k+1)*chunk, n)-1 of it, reading the latest <= seq_len tokens of the
     document up to its end. Returns plan (steps, rows, 5) int64: the window's first input position, its length (0: idle
     row), its first scored offset, 1 if the step trains on the chunk (all but a document's last), 1 if the row starts a
-    document; and per step its row length: the shortest of `widths` that holds its longest window."""
+    document."""
     chunks, free, first, row = (lengths + chunk - 1) // chunk, [(0, r) for r in range(rows)], [], []
     for c in chunks.tolist():
         t, r = heapq.heappop(free)
@@ -1576,8 +1466,7 @@ def lora_schedule(starts: torch.Tensor, lengths: torch.Tensor, rows: int, chunk:
     plan = torch.zeros(int(step.max()) + 1 if len(doc) else 0, rows, 5, dtype=torch.int64)
     plan[step, torch.tensor(row, dtype=torch.int64)[doc]] = torch.stack(
         (starts[doc] + lo, hi - lo, k * chunk - lo, (k < chunks[doc] - 1).long(), (k == 0).long()), 1)
-    widths = torch.tensor(sorted(widths))
-    return plan, widths[torch.searchsorted(widths, plan[:, :, 1].amax(1))].tolist()
+    return plan
 
 
 class LoRALinear(nn.Module):
@@ -1656,36 +1545,36 @@ def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Te
         lora.update(torch.autograd.grad((nll * weight).sum(), lora.params), train, lr)
 
 
-def evaluate_lora_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters,
-                      rt: Runtime, log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
+def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters, rt: Runtime,
+                 log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
     """Score-first per-document LoRA TTT (R6 PR #1667 / R7 PR #1530): every target is scored once, before any update
     that used it, and no document's score depends on another (fresh adapters per document; each row holds one).
     Each rank takes consecutive documents (balanced by chunk count) and runs them TTT_LORA_DOCS at a time
-    (lora_schedule); the graphs of every row length are compiled first on random tokens, never validation tokens. If
-    the projected time passes `deadline` (perf_counter s), adapting stops, the remaining steps only score (logged)."""
-    n, device, rows, chunk = tokens.numel() - 1, rt.device, args.ttt_lora_docs, args.ttt_lora_chunk
+    (lora_schedule); the graph is compiled first on random tokens, never validation tokens. If the projected time
+    passes `deadline` (perf_counter s), adapting stops and the remaining steps only score (logged). No collective
+    runs between steps, so ranks never wait for each other until the final all-reduce."""
+    n, device, rows, chunk, width = tokens.numel() - 1, rt.device, args.ttt_lora_docs, args.ttt_lora_chunk, \
+        args.train_seq_len
     starts, lengths = document_spans(tokens, model.bos_id)
     chunks = (lengths + chunk - 1) // chunk
     mine = (chunks.cumsum(0) - chunks) * rt.world_size // chunks.sum() == rt.rank
-    plan, widths = lora_schedule(starts[mine], lengths[mine], rows, chunk, args.lora_context,
-                                 [args.lora_context >> i for i in range(args.ttt_lora_buckets)])
-    plan, board, lora = plan.to(device), ScoreBoard(n, device), DocumentLoRA(model, rows, args.ttt_lora_rank, device)
+    plan = lora_schedule(starts[mine], lengths[mine], rows, chunk, width).to(device)
+    board, lora, steps = ScoreBoard(n, device), DocumentLoRA(model, rows, args.ttt_lora_rank, device), len(plan)
     try:
         model_fn, adapting, adapted = maybe_compile(model, device), True, 0
-        for width in sorted(set(widths)):  # compile warm-up: one full training step per row length
-            noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)
-            fake = torch.tensor([[r * width, width, 0, 1, 1] for r in range(rows)], device=device)
-            lora_step(model_fn, lora, noise, fake, width, ScoreBoard(rows * width, device), True, args.ttt_lora_lr)
+        noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)  # compile warm-up
+        fake = torch.tensor([[r * width, width, 0, 1, 1] for r in range(rows)], device=device)
+        lora_step(model_fn, lora, noise, fake, width, ScoreBoard(rows * width, device), True, args.ttt_lora_lr)
         lora.reset(torch.ones(rows, dtype=torch.bool, device=device))
         synchronize(device)
         t0 = time.perf_counter()
-        for t, width in enumerate(widths):
+        for t in range(steps):
             if adapting and t and t % LORA_CHECK_EVERY == 0:
                 synchronize(device)
                 now = time.perf_counter()
-                if now + (now - t0) / t * (LORA_CHECK_EVERY + LORA_SCORE_COST * (len(widths) - t)) > deadline:
+                if now + (now - t0) / t * (LORA_CHECK_EVERY + LORA_SCORE_COST * (steps - t)) > deadline:
                     adapting = False
-                    log(f"ttt_deadline: stopping adaptation after {t} of {len(widths)} steps; the rest are scored "
+                    log(f"ttt_deadline: stopping adaptation after {t} of {steps} steps; the rest are scored "
                         f"without training (EVAL_MAX_SECONDS={args.eval_max_seconds})")
             lora_step(model_fn, lora, tokens, plan[t], width, board, adapting, args.ttt_lora_lr)
             adapted += adapting
@@ -1693,7 +1582,7 @@ def evaluate_lora_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.
     finally:
         lora.remove()
     loss, bpb = board.finalize(bytes_per_target, rt)
-    log(f"ttt_lora documents {int(mine.sum())} of {len(starts)} steps {len(widths)} adapted {adapted} rows {rows} "
+    log(f"ttt documents {int(mine.sum())} of {len(starts)} steps {steps} adapted {adapted} rows {rows} "
         f"time {time.perf_counter() - t0:.1f}s")
     return loss, bpb, board
 
@@ -1836,9 +1725,7 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     log(f"final roundtrip val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")
     summary.update(roundtrip_val_bpb=round(bpb, 6))
     if args.ttt_enabled:  # TTT scores the sliding windows itself (a plain sliding score: EVAL_ONLY=1 TTT_ENABLED=0)
-        final, (loss, bpb, board) = "ttt", (
-            evaluate_lora_ttt(model, val_tokens, bytes_per_target, args, rt, log, deadline) if args.ttt_mode == "lora"
-            else evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log, deadline))
+        final, (loss, bpb, board) = "ttt", evaluate_ttt(model, val_tokens, bytes_per_target, args, rt, log, deadline)
     else:
         final, (loss, bpb, board) = "sliding", evaluate(model_fn, val_tokens, bytes_per_target, args.eval_stride, args, rt)
     log(f"final {final} val_loss {loss:.6f} val_bpb {bpb:.6f} stride {args.eval_stride} "

@@ -1,7 +1,7 @@
-"""TTT_MODE=lora: per-document score-first LoRA test-time training (R6 PR #1667 / R7 PR #1530) keeps every rule of the
-legality checklist: each target scored once, before any update that used it; documents in stream order, independent of
-each other; causal; the deadline stops adaptation; the compile warm-up sees random tokens only and compiles one graph
-per row length, and the pass then never recompiles. Tiny models on CPU."""
+"""Per-document score-first LoRA test-time training (R6 PR #1667 / R7 PR #1530) keeps every rule of the legality
+checklist: each target scored once, before any update that used it; documents in stream order, independent of each
+other; causal; the deadline stops adaptation; the compile warm-up sees random tokens only and compiles one graph, and
+the pass then never recompiles. Tiny models on CPU."""
 from __future__ import annotations
 
 import copy
@@ -16,19 +16,19 @@ SEQ, CHUNK, ROWS = 32, 8, 3
 
 
 def lora_args(**overrides) -> tg.Hyperparameters:
-    kw = dict(vocab_size=320, train_seq_len=SEQ, eval_stride=16, ttt_chunk_tokens=SEQ, ttt_mode="lora",
-              ttt_lora_chunk=CHUNK, ttt_lora_rank=4, ttt_lora_docs=ROWS, ttt_lora_lr=0.05, ttt_lora_buckets=3)
+    kw = dict(vocab_size=320, train_seq_len=SEQ, eval_stride=16, ttt_lora_chunk=CHUNK, ttt_lora_rank=4,
+              ttt_lora_docs=ROWS, ttt_lora_lr=0.05)
     args = tg.Hyperparameters(**{**kw, **overrides})
     args.validate()
     return args
 
 
 def run_lora(model, tokens, args=None, deadline=None):
-    """evaluate_lora_ttt on a copy of the model -> (per-target NLL, log lines)."""
+    """evaluate_ttt on a copy of the model -> (per-target NLL, log lines)."""
     lines = []
     deadline = time.perf_counter() + 1e6 if deadline is None else deadline
-    _, _, board = tg.evaluate_lora_ttt(copy.deepcopy(model), tokens, torch.ones(tokens.numel() - 1),
-                                       args or lora_args(), runtime(), lines.append, deadline)
+    _, _, board = tg.evaluate_ttt(copy.deepcopy(model), tokens, torch.ones(tokens.numel() - 1), args or lora_args(),
+                                  runtime(), lines.append, deadline)
     return board.nll, lines
 
 
@@ -69,10 +69,9 @@ def test_document_spans_partition_targets(stream):
 def test_schedule_keeps_stream_order_and_covers_every_target_once(stream):
     """Rows start documents in stream order (the first ROWS together, in rows 0..ROWS-1), each document runs its chunks
     in consecutive steps of one row, starting with a reset and training on every chunk but its last; the scored
-    offsets cover every target exactly once, each window lies inside its document, at most SEQ long and inside its
-    step's row length."""
+    offsets cover every target exactly once, each window lies inside its document and is at most SEQ long."""
     starts, lengths = tg.document_spans(stream, BOS)
-    plan, widths = tg.lora_schedule(starts, lengths, ROWS, CHUNK, SEQ, [8, 16, 32])
+    plan = tg.lora_schedule(starts, lengths, ROWS, CHUNK, SEQ)
     count = torch.zeros(stream.numel() - 1, dtype=torch.int64)
     first_step, doc_of = [], torch.searchsorted(starts, plan[:, :, 0].contiguous(), right=True) - 1
     for d, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
@@ -83,8 +82,8 @@ def test_schedule_keeps_stream_order_and_covers_every_target_once(stream):
         first_step.append(int(steps[0]))
         entries = plan[steps, rows]
         assert entries[:, 4].tolist() == [1] + [0] * (k - 1) and entries[:, 3].tolist() == [1] * (k - 1) + [0]
-        for t, (pos, w, frm, _, _) in zip(steps.tolist(), entries.tolist()):
-            assert s <= pos and pos + w <= s + n and w <= SEQ and w <= widths[t] and widths[t] in (8, 16, 32)
+        for pos, w, frm, _, _ in entries.tolist():
+            assert s <= pos and pos + w <= s + n and w <= SEQ
             count[pos + frm : pos + w] += 1
     assert first_step == sorted(first_step) and first_step[:ROWS] == [0] * ROWS
     assert plan[0, :, 0].tolist() == starts[:ROWS].tolist()
@@ -99,7 +98,7 @@ def test_fresh_adapters_score_like_the_plain_model(stream, model):
     frozen, _ = run_lora(model, stream, lora_args(ttt_lora_lr=0.0))
     torch.testing.assert_close(frozen, reference, rtol=1e-5, atol=1e-5)
     adapted, lines = run_lora(model, stream)
-    assert any(line.startswith(f"ttt_lora documents {len(tg.document_spans(stream, BOS)[0])} ") for line in lines)
+    assert any(line.startswith(f"ttt documents {len(tg.document_spans(stream, BOS)[0])} ") for line in lines)
     starts, lengths = tg.document_spans(stream, BOS)
     first = torch.cat([torch.arange(s, s + min(n, CHUNK)) for s, n in zip(starts.tolist(), lengths.tolist())])
     torch.testing.assert_close(adapted[first], reference[first], rtol=1e-5, atol=1e-5)
@@ -148,10 +147,10 @@ def test_deadline_stops_adaptation(stream, model, monkeypatch):
     monkeypatch.setattr(tg, "LORA_CHECK_EVERY", 2)
     nll, lines = run_lora(model, stream, deadline=time.perf_counter() - 1)
     assert [line for line in lines if line.startswith("ttt_deadline: stopping adaptation after 2 of ")], lines
-    assert any(" adapted 2 " in line for line in lines if line.startswith("ttt_lora "))
+    assert any(" adapted 2 " in line for line in lines if line.startswith("ttt documents "))
     frozen, _ = run_lora(model, stream, lora_args(ttt_lora_lr=0.0))
     starts, lengths = tg.document_spans(stream, BOS)
-    plan, _ = tg.lora_schedule(starts, lengths, ROWS, CHUNK, SEQ, [SEQ])
+    plan = tg.lora_schedule(starts, lengths, ROWS, CHUNK, SEQ)
     late = int(plan[2:, :, 0][plan[2:, :, 4] == 1].min())  # first position of the first document started at step 2
     assert torch.equal(nll[late:], frozen[late:])
     assert not torch.equal(nll[:late], frozen[:late])
@@ -159,10 +158,9 @@ def test_deadline_stops_adaptation(stream, model, monkeypatch):
     assert not torch.equal(adapted[late:], frozen[late:])
 
 
-def test_compiles_one_graph_per_row_length_on_random_tokens(stream, model, monkeypatch):
-    """Under torch.compile (dynamic=False; aot_eager on CPU) the warm-up compiles one graph per row length the schedule
-    uses, on random tokens only, before the first validation step; the pass then compiles nothing more, and its scores
-    match the eager pass."""
+def test_compiles_one_graph_on_random_tokens(stream, model, monkeypatch):
+    """Under torch.compile (dynamic=False; aot_eager on CPU) the warm-up compiles the one graph on random tokens only,
+    before the first validation step; the pass then compiles nothing more, and its scores match the eager pass."""
     compiled, calls = [], []
 
     def backend(gm, example_inputs):
@@ -175,45 +173,19 @@ def test_compiles_one_graph_per_row_length_on_random_tokens(stream, model, monke
     torch._dynamo.reset()
     tokens = stream
     nll, _ = run_lora(model, tokens)
-    widths = set(tg.lora_schedule(*tg.document_spans(stream, BOS), ROWS, CHUNK, SEQ, [8, 16, 32])[1])
     warm = [n for is_val, n in calls if not is_val]
-    assert len(warm) == len(widths) > 1 and not any(is_val for is_val, _ in calls[: len(warm)])
-    assert len(compiled) == len(widths) and {n for is_val, n in calls if is_val} == {len(widths)}
+    assert len(warm) == 1 and not calls[0][0] and all(is_val for is_val, _ in calls[1:])
+    assert len(compiled) == 1 and {n for is_val, n in calls if is_val} == {1}
     monkeypatch.undo()
     torch._dynamo.reset()
     torch.testing.assert_close(nll, run_lora(model, stream)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_model_is_restored_and_global_mode_is_the_default(stream, model):
-    """The pass leaves the model as it found it (plain linear layers, trainable), and TTT_MODE defaults to global."""
+def test_model_is_restored(stream, model):
+    """The pass leaves the model as it found it: plain linear layers, trainable, the same weights."""
     m = copy.deepcopy(model)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    tg.evaluate_lora_ttt(m, stream, torch.ones(stream.numel() - 1), lora_args(), runtime(), lambda _: None, 1e18)
+    tg.evaluate_ttt(m, stream, torch.ones(stream.numel() - 1), lora_args(), runtime(), lambda _: None, 1e18)
     assert all(type(lin) is torch.nn.Linear for lin in m.blocks.modules() if "Linear" in type(lin).__name__)
     assert all(p.requires_grad for p in m.parameters())
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
-    assert tg.Hyperparameters().ttt_mode == "global"
-    with pytest.raises(ValueError, match="TTT_MODE"):
-        tg.Hyperparameters(ttt_mode="sorted").validate()
-
-
-def test_bench_runs_on_cpu(tmp_path, tokenizer, data_dir):
-    """bench/ttt_lora.py runs on CPU with a tiny model, compiled (aot_eager): one graph per row length, none after the
-    warm-up; finite positive timings and projections (a larger set takes longer), and the three bpb figures."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT, TINY_ENV, script_env, tiny_model_env
-    env = script_env(**TINY_ENV, **tiny_model_env(tokenizer.vocab_size), DATA_PATH=str(data_dir),
-                     TOKENIZER_PATH=str(tokenizer.path), TTT_LORA_DOCS="4", TTT_LORA_BUCKETS="2", TTT_LORA_CHUNK="16")
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "ttt_lora.py"), "--docs", "12", "--compile-cpu",
-                           "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads(out.read_text())
-    assert r["graphs"] == 2 and r["graphs_after_warmup"] == 0 and r["docs"] == 12 and r["steps"] > 0
-    assert r["ms_per_step"] > 0 and r["tokens_per_second"] > 0
-    assert 0 < r["p300"]["seconds"] < r["fineweb_rank"]["seconds"] and r["fineweb_rank"]["targets"] == 7_752_704
-    assert all(0 < r[k] < 20 for k in ("bpb_no_ttt", "bpb_global", "bpb_lora"))
-    assert "projected p300" in proc.stdout and "bpb of these documents" in proc.stdout
