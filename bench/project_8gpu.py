@@ -4,8 +4,10 @@
     python3 bench/project_8gpu.py [--artifact final_model.int6.ptz] [--comm-json comm.json] [--json out.json]
     torchrun --standalone --nproc_per_node=2 bench/project_8gpu.py --comm --out comm.json   # NCCL, 2 GPUs
 
-This GPU plays rank 0 of an 8-rank run (`--world-size`), running train_gpt.py's own functions with a fake
-Runtime(rank=0, world_size=8): every per-rank shape is the 8-GPU one (one micro-batch of 98,304 tokens,
+This GPU plays one rank of an 8-rank run (`--world-size`), running train_gpt.py's own functions with a fake
+Runtime(rank, world_size=8): rank 0 for training (every rank does the same work), and for evaluation the rank
+with the most work (busiest_rank: ranks wait for each other only at the final all-reduce, and with TTT the
+ranks' step counts differ). Every per-rank shape is the 8-GPU one (one micro-batch of 98,304 tokens,
 Muon's share of the Newton-Schulz work, 1/8 of the evaluation windows, 1/8 of the documents for TTT), nothing
 is scaled linearly from one-GPU times.
 
@@ -17,11 +19,11 @@ target itself) or, with TTT_ENABLED=0 only, the plain sliding pass (evaluate at 
 Measured here: the training step of both graphs (train_gpt.train itself, with DDP removed), GPTQ,
 zstd-22 compression of the artifact, loading it, compilation and warm-up of the scoring graph, the time of one
 score batch in each plain pass and, with TTT, from train_gpt.evaluate_ttt itself run on the stand-in stream as
-rank 0 and stopped after its first 2 + --sample-steps steps (StepStamps): its set-up (documents, schedule,
+that rank and stopped after its first 2 + --sample-steps steps (StepStamps): its set-up (documents, schedule,
 adapters), the compile + warm-up of its LoRA graph, and the time of one step adapting and of one step only
 scoring (the same sampled steps run again with adapting=False: what steps cost once the deadline stops
 adaptation). Counted exactly, on the stand-in stream of 62,021,632 targets (DATA_PATH's validation tokens
-tiled; their documents set TTT's work): how many score batches rank 0 runs in each plain pass and, with TTT,
+tiled; their documents set TTT's work): how many score batches each rank runs in each plain pass and, with TTT,
 its documents and lora_schedule's steps. Modelled: every all-reduce. `train_gpt.all_reduce` is replaced by a
 stand-in that communicates nothing and records the bytes; a ring model turns bytes into seconds, which are
 ADDED to the measured times (no overlap with compute assumed); DDP's gradient all-reduce is modelled from the
@@ -29,7 +31,7 @@ bytes DDP would reduce. TTT's adapters are per rank, so it makes no all-reduce p
 board's, as every pass. The evaluation timeline, TTT's deadline rule included, is then replayed by running
 train_gpt's evaluate / evaluate_ttt on a virtual clock that the measured unit times advance (lora_step is a
 stand-in that costs a step adapting or scoring only, as evaluate_ttt asks).
-`--full` also runs rank 0's whole share of every pass (TTT's whole plan too, its deadline set from the
+`--full` also runs that rank's whole share of every pass (TTT's whole plan too, its deadline set from the
 projected time before it), as a check of the sampled projection.
 
 The compiler cache starts empty (a fresh contest machine) unless --keep-inductor-cache.
@@ -144,7 +146,7 @@ def patched(target, **attrs):
 
 def partial_finalize(self, bytes_per_target, rt):
     """ScoreBoard.finalize for a fake rank: the same two all-reduces, but no exactly-once check (it fails by
-    design: only rank 0's share of the targets is scored here) and no score (NaN)."""
+    design: only this rank's share of the targets is scored here) and no score (NaN)."""
     tg.all_reduce(self.nll, rt)
     tg.all_reduce(self.count, rt)
     return math.nan, math.nan
@@ -308,8 +310,8 @@ def virtual_model(args: tg.Hyperparameters):
 
 
 def virtual_eval(args: tg.Hyperparameters, tokens: torch.Tensor, world: int, ring: RingModel, unit: dict,
-                 before: dict, overhead: float, deadline: float) -> dict:
-    """Replay rank 0's evaluation of the stream `tokens` ((n+1,) on CPU; passes(args)) on a virtual clock, running
+                 before: dict, overhead: float, deadline: float, rank: int = 0) -> dict:
+    """Replay rank `rank`'s evaluation of the stream `tokens` ((n+1,) on CPU; passes(args)) on a virtual clock, running
     train_gpt's own evaluate (pre-quant and round-trip: stride TRAIN_SEQ_LEN; sliding, without TTT: EVAL_STRIDE)
     and evaluate_ttt with its deadline rule.
 
@@ -323,7 +325,7 @@ def virtual_eval(args: tg.Hyperparameters, tokens: torch.Tensor, world: int, rin
     run adapting, whether the deadline cut adaptation, and evaluate_ttt's log lines."""
     clock = VirtualClock()
     ledger = Ledger(ring, clock)
-    rt = tg.Runtime(0, world, 0, torch.device("cpu"))
+    rt = tg.Runtime(rank, world, 0, torch.device("cpu"))
     now = {"pass": ""}
     counts = collections.Counter()
 
@@ -543,7 +545,7 @@ def measure_ttt(model: tg.GPT, tokens: torch.Tensor, args: tg.Hyperparameters, r
     first = min(warm, max(steps - 2, 0))
     sampled = range(first, min(first + sample, steps - 1))
     if not sampled:
-        raise SystemExit(f"rank 0 runs {steps} TTT steps: too few to time one (use a longer --tokens)")
+        raise SystemExit(f"rank {rt.rank} runs {steps} TTT steps: too few to time one (use a longer --tokens)")
     stamps = StepStamps(tokens, steps, rt.device, sampled)
     run_ttt(model, tokens, args, rt, math.inf, stamps)
     t = stamps.stamps
@@ -555,7 +557,7 @@ def measure_ttt(model: tg.GPT, tokens: torch.Tensor, args: tg.Hyperparameters, r
 
 def full_ttt(args: tg.Hyperparameters, rt: tg.Runtime, model: tg.GPT, tokens: torch.Tensor, steps: int,
              skipped_compile: float, ledger: Ledger, seconds_left: float) -> dict:
-    """--full: evaluate_ttt on rank 0's whole share (`steps` steps), timed by StepStamps: its set-up, its steps
+    """--full: evaluate_ttt on rank rt.rank's whole share (`steps` steps), timed by StepStamps: its set-up, its steps
     adapting and scoring only, and the rest (finalize); also its own warm-up (not in the total). Its deadline is
     `seconds_left` from now (the projected evaluation time before TTT and TTT's modelled all-reduces taken off)
     less `skipped_compile` seconds: its graph is compiled already (measure_ttt), so its warm-up is about one step
@@ -587,7 +589,7 @@ def measure_eval(args: tg.Hyperparameters, rt: tg.Runtime, a, float_model, confi
     batches (after `warm` untimed ones): zstd-22 + write of the artifact; the pre-quant pass's compilation
     (first batch of the compiled float model, less one batch) and batches; loading the artifact;
     compilation and warm-up of the scoring graph (maybe_compile + warm_up_eval_graphs); round-trip batches;
-    window set-up and finalize of one pass; the final pass: TTT (measure_ttt on the stream, whose rank 0 runs
+    window set-up and finalize of one pass; the final pass: TTT (measure_ttt on the stream, whose evaluated rank runs
     `ttt_steps` steps) or, with TTT_ENABLED=0, sliding batches. With a.full also the whole of each plain pass
     (train_gpt's evaluate; project() runs TTT's)."""
     device, n, seq_len, warm = rt.device, tokens.numel() - 1, args.train_seq_len, 3
@@ -755,7 +757,7 @@ def print_eval(a, args: tg.Hyperparameters, counts: dict, m: dict, proj: dict, n
     """Evaluation table (count x unit = seconds per phase; full-run seconds with --full), total, margins, TTT
     deadline verdict, and the counts and samples behind it."""
     limit, w = args.eval_max_seconds, a.world_size
-    print(f"\nEVALUATION (rank 0 of {w}; EVAL_MAX_SECONDS {limit:g})")
+    print(f"\nEVALUATION (rank {counts['rank']} of {w}, the busiest; EVAL_MAX_SECONDS {limit:g})")
     print(f"{'phase':<40}{'count':>8}{'unit ms':>10}{'seconds':>10}" + (f"{'full run':>10}" if a.full else ""))
     for label, count, unit_s, seconds, full_s in eval_rows(args, m, proj):
         unit_txt = f"{1000 * unit_s:>10.2f}" if unit_s is not None else " " * 10
@@ -785,9 +787,9 @@ def print_ttt_verdict(ttt: dict, full: dict) -> None:
 
 
 def counts_line(args: tg.Hyperparameters, c: dict, world: int) -> str:
-    """The counts behind the table: rank 0's windows and score batches of the round-trip (and pre-quant) pass,
+    """The counts behind the table: the evaluated rank's windows and score batches of the round-trip (and pre-quant) pass,
     then of the final pass: TTT's documents, steps and row-tokens, or the sliding pass's windows and batches."""
-    line = (f"counts (rank 0 of {world}, n={c['n_targets']:,}): round-trip {c['roundtrip_windows']:,} windows = "
+    line = (f"counts (rank {c['rank']} of {world}, n={c['n_targets']:,}): round-trip {c['roundtrip_windows']:,} windows = "
             f"{c['roundtrip_batches']:,} batches of {args.eval_batch_seqs}; ")
     if args.ttt_enabled:
         return line + (f"TTT {c['ttt_documents']:,} of {c['ttt_all_documents']:,} documents ({c['ttt_targets']:,} "
@@ -804,7 +806,7 @@ def sampled_line(args: tg.Hyperparameters, m: dict) -> str:
     if args.ttt_enabled:
         t = m["ttt"]
         return line + (f" batches; TTT steps {t['steps_untimed']}..{t['steps_untimed'] + t['steps_sampled'] - 1} "
-                       "of rank 0's plan, adapting, then the same steps scoring only")
+                       "of the rank's plan, adapting, then the same steps scoring only")
     return line + f", {m['sliding_batches_sampled']} sliding batches"
 
 
@@ -812,12 +814,12 @@ def print_report(a, info: dict, counts: dict, train: dict | None, tproj: dict | 
                  proj: dict, need: dict, args: tg.Hyperparameters) -> None:
     """The projection as compact tables (see the module docstring for what is measured and modelled)."""
     w = a.world_size
-    print(f"\n== projected {w}-GPU run: rank 0 of {w}, measured on {info['device']} ==")
+    print(f"\n== projected {w}-GPU run, measured on {info['device']} ==")
     print(f"date {info['date']}  torch {info['torch']}  train_gpt.py sha256 {info['code_sha256'][:16]}…  "
           f"env overrides: {info['overrides'] or '(none)'}")
     print(f"all-reduce model: ring over {w} ranks, {info['ring']}; busbw {info['busbw_gbs']:.0f} GB/s, "
           f"{info['hop_latency_us']:.1f} us per hop; added to compute, no overlap")
-    print(f"eval stream: {counts['n_targets']:,} targets, {info['stream']}; busiest rank: {info['busiest']}")
+    print(f"eval stream: {counts['n_targets']:,} targets, {info['stream']}; evaluation plays {info['busiest']}")
     if train:
         print_training(args, info, train, tproj, comm, w)
     print_eval(a, args, counts, m, proj, need)
@@ -936,15 +938,24 @@ def comm_main(a) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def busiest_rank(args: tg.Hyperparameters, tokens: torch.Tensor, world: int) -> tuple[int, list[dict]]:
+    """The rank whose evaluation takes longest, judged by its final pass's work (TTT steps, or sliding score
+    batches without TTT), then its round-trip batches; lowest index on ties. Ranks wait for each other only at
+    the final all-reduce, so the run's evaluation lasts as long as this rank's. Returns (rank, every rank's
+    work_counts)."""
+    every = [work_counts(args, tokens, world, r) for r in range(world)]
+    final = "ttt_steps" if args.ttt_enabled else "sliding_batches"
+    return max(range(world), key=lambda r: (every[r][final], every[r]["roundtrip_batches"], -r)), every
+
+
 def describe(a, args: tg.Hyperparameters, overrides: dict, device: torch.device, ring: RingModel, accum: int,
-             code: bytes, rank0: dict, tokens: torch.Tensor) -> dict:
-    """What the report's header states: device, versions, date, code, settings, communication model, and
-    whether any rank has more work than rank 0 (this GPU's role; its counts `rank0`, of the stream `tokens`)."""
-    keys = [k for k in ("roundtrip_batches", "sliding_batches", "ttt_steps") if k in rank0]
-    others = [work_counts(args, tokens, a.world_size, r) for r in range(1, a.world_size)]
-    extra = {k: max([c[k] for c in others], default=0) - rank0[k] for k in keys}
-    busiest = "rank 0" if max(extra.values()) <= 0 else \
-        "another rank has more: " + ", ".join(f"{k} +{v}" for k, v in extra.items() if v > 0)
+             code: bytes, rank: int, every: list[dict]) -> dict:
+    """What the report's header states: device, versions, date, code, settings, communication model, and which
+    rank the evaluation plays (the busiest, `rank`) against the others' work (`every`: work_counts per rank)."""
+    final = "ttt_steps" if args.ttt_enabled else "sliding_batches"
+    work = [c[final] for c in every]
+    busiest = (f"rank {rank} ({final.replace('_', ' ')} {work[rank]:,}; ranks range {min(work):,}-{max(work):,}, "
+               f"rank 0 {work[0]:,})")
     check = json.load(open(a.comm_json)).get("check") if a.comm_json else None
     return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -966,15 +977,16 @@ def single_process_wrap(model: tg.GPT, rt: tg.Runtime) -> nn.Module:
 
 
 def project(a) -> dict:
-    """Measure rank 0's work on this device and print the projected run (see the module docstring)."""
+    """Measure one rank's work on this device and print the projected run (see the module docstring)."""
     args, overrides = tg.Hyperparameters.from_env()
     device = tg.init_runtime().device  # no WORLD_SIZE: one process; sets TF32 and the Inductor flags as a run does
-    rt = tg.Runtime(rank=0, world_size=a.world_size, local_rank=0, device=device)
+    rt = tg.Runtime(rank=0, world_size=a.world_size, local_rank=0, device=device)  # training: every rank alike
     ring, accum = ring_model(a), tg.grad_accum_steps(args, rt)
     code = open(os.path.join(REPO, "train_gpt.py"), "rb").read()
     stream, stream_info = stand_in_stream(args, a.tokens, a.random_tokens)
-    counts, ledger = work_counts(args, stream, a.world_size), Ledger(ring)
-    info = describe(a, args, overrides, device, ring, accum, code, counts, stream) | {"stream": stream_info}
+    rank, every = busiest_rank(args, stream, a.world_size)
+    counts, ledger, ert = every[rank], Ledger(ring), dataclasses.replace(rt, rank=rank)  # ert: the evaluation's rank
+    info = describe(a, args, overrides, device, ring, accum, code, rank, every) | {"stream": stream_info}
     comm = per_step_messages(args, ring)
     train = tproj = model = None
     with patched(tg, all_reduce=ledger, wrap_for_training=single_process_wrap):
@@ -994,14 +1006,14 @@ def project(a) -> dict:
                 print(f"WARNING: {a.artifact} has {key}={config.get(key)}, the environment {ours[key]}: the "
                       "evaluation times the artifact's model, the training the environment's")
         tokens = stream.to(device)
-        print("timing the evaluation as rank 0 ...", flush=True)
+        print(f"timing the evaluation as rank {rank} ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            m = measure_eval(args, rt, a, model, config, entries, os.path.join(tmp, "artifact.ptz"), tokens,
+            m = measure_eval(args, ert, a, model, config, entries, os.path.join(tmp, "artifact.ptz"), tokens,
                              counts.get("ttt_steps", 0), ledger)
         del model
         unit, before, overhead = eval_units(args, m)
         replay = lambda deadline: virtual_eval(args, stream, a.world_size, ring, unit, before, overhead,  # noqa: E731
-                                               deadline)
+                                               deadline, rank)
         proj, need = replay(args.eval_max_seconds), replay(math.inf)
         assert [proj[p]["batches"] for p in plain_passes(args)] == [counts[BATCH_KEYS[p]] for p in plain_passes(args)]
         assert not args.ttt_enabled or need["ttt"]["steps"] == need["ttt"]["adapted"] == counts["ttt_steps"]
@@ -1012,7 +1024,7 @@ def project(a) -> dict:
             if args.ttt_enabled:
                 left = args.eval_max_seconds - plain - need["ttt"]["comm_seconds"]
                 skipped = m["ttt"]["warmup_seconds"] - m["ttt"]["adapting_step_s"]
-                f.update(full_ttt(args, rt, model, tokens, counts["ttt_steps"], skipped, ledger, left))
+                f.update(full_ttt(args, ert, model, tokens, counts["ttt_steps"], skipped, ledger, left))
                 plain += m["ttt"]["warmup_seconds"] + sum(f[k] for k in ("ttt_setup", "ttt_adapting", "ttt_scoring",
                                                                           "ttt_rest", "ttt_comm"))
             f["total"] = plain
@@ -1037,7 +1049,7 @@ def parse_args(argv=None):
     ap.add_argument("--sample-batches", type=int, default=40, help="timed score batches per pass (after 3 untimed)")
     ap.add_argument("--sample-steps", type=int, default=20,
                     help="timed TTT steps, adapting and then scoring only (after 2 untimed; with TTT only)")
-    ap.add_argument("--full", action="store_true", help="also run rank 0's whole share of every pass (a check)")
+    ap.add_argument("--full", action="store_true", help="also run the evaluated rank's whole share of every pass (a check)")
     ap.add_argument("--eval-only", action="store_true",
                     help="skip the training measurement (the pre-quant pass is then timed with the loaded model)")
     ap.add_argument("--comm-json", default="", help="all-reduce measurements written by --comm")

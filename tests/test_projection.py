@@ -2,6 +2,7 @@
 8, its virtual replay stops TTT's adaptation where train_gpt's deadline rule does, and its main path runs on CPU."""
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import math
@@ -206,6 +207,28 @@ def numbers(tree):
     return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
+def test_evaluation_plays_the_busiest_rank():
+    """busiest_rank picks the rank with the most final-pass work (TTT steps; sliding batches without TTT), and
+    virtual_eval replays that rank's plan: its TTT steps are that rank's count, not rank 0's."""
+    g = torch.Generator().manual_seed(11)  # ranks 0-6: 12 one-chunk documents each; rank 7: one of 12 chunks
+    docs = [16] * 84 + [192]
+    stream = torch.cat([torch.cat((torch.tensor([BOS]), torch.randint(3, 320, (n - 1,), generator=g))) for n in docs]
+                       + [torch.tensor([5])])
+    for ttt in (True, False):
+        args = tg.Hyperparameters(vocab_size=320, train_seq_len=64, eval_stride=32, eval_batch_seqs=4,
+                                  ttt_lora_chunk=16, ttt_lora_docs=3, ttt_enabled=ttt)
+        rank, every = bench.busiest_rank(args, stream, 8)
+        key = "ttt_steps" if ttt else "sliding_batches"
+        assert every[rank][key] == max(c[key] for c in every) and all(c["rank"] == r for r, c in enumerate(every))
+        if ttt:
+            assert rank == 7 and every[7][key] == 12 > every[0][key]  # rank 0 is not the busiest
+            unit = dict(prequant=1e-3, roundtrip=1e-3, ttt_warmup=1.0, ttt_adapting=0.1, ttt_scoring=0.05)
+            ring = bench.RingModel(world=8, busbw=1e11, hop_latency=0.0)
+            replay = bench.virtual_eval(args, stream, 8, ring, unit, collections.defaultdict(float), 0.0, math.inf,
+                                        rank)
+            assert replay["ttt"]["steps"] == every[rank]["ttt_steps"]
+
+
 SCRIPT_RUNS = {  # extra arguments, TTT_ENABLED
     "train, TTT": ([], "1"),
     "full, eval only, TTT": (["--full", "--eval-only", "--random-tokens"], "1"),
@@ -230,7 +253,7 @@ def test_script_prints_a_projection_on_cpu(run, tmp_path, tokenizer, data_dir):
     run()'s: with TTT no sliding pass anywhere (table, total, counts, JSON), and TTT's rows (set-up, compile,
     steps adapting and scoring only: every step adapts within the default deadline); without TTT the sliding pass
     is the final pass and nothing of TTT appears. The table's phases add up to its total (with --full, to the full
-    run's total too, whose TTT ran all of rank 0's steps)."""
+    run's total too, whose TTT ran all of the evaluated rank's steps). The evaluation plays the busiest rank."""
     extra, ttt = SCRIPT_RUNS[run]
     model = tiny_model_env(tokenizer.vocab_size, num_loops=1, loop_start=0, loop_end=0)
     env = script_env(**{**TINY_ENV, "ITERATIONS": "1000000"}, **model, DATA_PATH=str(data_dir),  # the clock stops it
@@ -240,8 +263,11 @@ def test_script_prints_a_projection_on_cpu(run, tmp_path, tokenizer, data_dir):
                            "2", "--sample-steps", "2", "--json", str(out), *extra], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "== projected 8-GPU run: rank 0 of 8" in proc.stdout and "EVALUATION" in proc.stdout
+    assert "== projected 8-GPU run, measured on" in proc.stdout and "EVALUATION" in proc.stdout
     result = json.loads(out.read_text())
+    rank, every = bench.busiest_rank(tg.Hyperparameters.from_env(env)[0], bench.stand_in_stream(
+        tg.Hyperparameters.from_env(env)[0], 20000, "--random-tokens" in extra)[0], 8)
+    assert result["counts"] == every[rank] and f"EVALUATION (rank {rank} of 8, the busiest;" in proc.stdout
     assert all(math.isfinite(x) for x in numbers(result))
     m, counts, proj = result["eval_measured"], result["counts"], result["eval_projection"]
     final, absent = ("ttt", "sliding") if ttt == "1" else ("sliding", "ttt")
