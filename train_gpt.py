@@ -60,7 +60,6 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 @dataclass
 class Hyperparameters:
     """Every knob of the run. Field `foo_bar` is overridden by environment variable `FOO_BAR`.
-
     Defaults are the contest configuration: 8 GPUs x 600 s, 786,432 tokens per step, sp1024.
     Booleans accept 1/0/true/false. Raises ValueError for unparsable or inconsistent values."""
 
@@ -139,11 +138,9 @@ class Hyperparameters:
         """Build from the environment; returns (hyperparameters, {VAR: raw value} of overrides)."""
         kwargs, overrides = {}, {}
         for f in fields(cls):
-            raw = environ.get(f.name.upper())
-            if raw is None:
-                continue
-            kwargs[f.name] = _parse_env_value(f.name.upper(), f.type, raw)
-            overrides[f.name.upper()] = raw
+            if (raw := environ.get(f.name.upper())) is not None:
+                kwargs[f.name] = _parse_env_value(f.name.upper(), f.type, raw)
+                overrides[f.name.upper()] = raw
         args = cls(**kwargs)
         args.validate()
         return args, overrides
@@ -214,8 +211,7 @@ class Runtime:
 def init_runtime() -> Runtime:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick cuda:LOCAL_RANK (or CPU), join the group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -269,11 +265,10 @@ class Logger:
             open(path, "w", encoding="utf-8").close()
 
     def __call__(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        print(msg, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(msg + "\n")
+        if self.enabled:
+            print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -328,7 +323,6 @@ def find_shards(pattern: str) -> list[str]:
 
 def open_shard(path: str) -> np.ndarray:
     """Memory-map one shard's tokens (uint16, read-only) after checking its header and size.
-
     Raises ValueError on a short header, wrong magic/version, or a size that disagrees with the header."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS:
@@ -338,8 +332,7 @@ def open_shard(path: str) -> np.ndarray:
                          f"{SHARD_MAGIC}/{SHARD_VERSION}: not a challenge shard; re-create it with the data script")
     num_tokens = int(header[2])
     expected = SHARD_HEADER_BYTES + 2 * num_tokens
-    actual = os.path.getsize(path)
-    if actual != expected:
+    if (actual := os.path.getsize(path)) != expected:
         raise ValueError(f"{path}: {actual} bytes, but its header promises {num_tokens} tokens ({expected} bytes): "
                          "truncated or corrupt; download it again")
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
@@ -354,25 +347,21 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
 
 def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> torch.Tensor:
     """All validation shards concatenated, cut to a multiple of seq_len plus one token (challenge rule).
-
     Returns int64 tensor of shape (n * seq_len + 1,). Raises ValueError if shorter than one sequence."""
     tokens = np.concatenate([np.asarray(open_shard(f)) for f in find_shards(pattern)])
     check_token_ids(tokens, vocab_size, pattern)
-    usable = ((tokens.size - 1) // seq_len) * seq_len
-    if usable <= 0:
+    if (usable := ((tokens.size - 1) // seq_len) * seq_len) <= 0:
         raise ValueError(f"validation set has {tokens.size} tokens, fewer than TRAIN_SEQ_LEN+1={seq_len + 1}; "
                          "use the full val shard or a shorter TRAIN_SEQ_LEN")
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
 
 
 class TokenLoader:
-    """Training batches of (seq_len+1)-token blocks, shuffled per epoch, identical for any world size.
-
-    Each epoch cuts every shard into blocks at a random phase, permutes all blocks with a generator
-    seeded by (seed, epoch), and serves them in order: a step takes the next `seqs_per_rank *
-    world_size` blocks and rank r reads its own contiguous slice, so ranks read disjoint spans and
-    the union is the one-GPU batch. Shards are memory-mapped; token ids are checked before training.
-    Raises like `open_shard` and `check_token_ids`, or ValueError when the shards hold less than a step."""
+    """Training batches of (seq_len+1)-token blocks, shuffled per epoch, identical for any world size. Each epoch cuts
+    every shard into blocks at a random phase, permutes all blocks with a generator seeded by (seed, epoch) and serves
+    them in order: a step takes the next `seqs_per_rank * world_size` blocks, rank r its own contiguous slice, so ranks
+    read disjoint spans whose union is the one-GPU batch. Shards are memory-mapped; token ids are checked before
+    training. Raises like `open_shard` and `check_token_ids`, or ValueError if the shards hold less than a step."""
 
     def __init__(self, pattern: str, seq_len: int, seqs_per_rank: int, rt: Runtime, seed: int, vocab_size: int):
         files = find_shards(pattern)
@@ -391,8 +380,7 @@ class TokenLoader:
         self.phase = int(rng.integers(self.seq_len)) if self.epoch > 0 else 0
         counts = [max(0, (len(s) - 1 - self.phase) // self.seq_len) for s in self.shards]
         self.block_offsets = np.cumsum([0] + counts)
-        self.order = rng.permutation(int(self.block_offsets[-1]))
-        self.cursor = 0
+        self.order, self.cursor = rng.permutation(int(self.block_offsets[-1])), 0
 
     def _block(self, block_id: int) -> np.ndarray:
         shard = int(np.searchsorted(self.block_offsets, block_id, side="right")) - 1
@@ -442,7 +430,6 @@ def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, 
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token byte rule of the challenge, as arrays indexed by token id.
-
     Returns (base_bytes int64, has_leading_space bool, is_boundary bool). Control/unknown/unused tokens are boundaries
     worth 0 bytes; byte-fallback tokens are 1 byte; other pieces count the UTF-8 bytes of the piece without its leading
     "▁", which adds one byte unless the previous token is a boundary (so no space is counted right after BOS)."""
@@ -481,7 +468,6 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 def doc_segments(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
     """Document segments of a batch for masked attention: input_ids (B, T) -> cu_seqlens, int32 (S+1,).
-
     Offsets into the B*T flattened tokens where a segment starts (every row start and every BOS),
     then B*T. Its length depends on the data, so it is computed eagerly and marked dynamic: one
     compiled graph serves every batch (a fixed-size graph would recompile for each document count)."""
@@ -502,6 +488,7 @@ except ImportError:
 
 FLASH_FASTER = {"H100": {"dense", "varlen"}, "H200": {"dense", "varlen"}}  # GPU name -> modes measured faster (README)
 ATTENTION_ROUTES = {"dense": None, "varlen": None}  # FlashAttention's call per mode, None: PyTorch's (select_attention)
+GATE_INPUTS = 12  # leading residual channels that drive the attention output gate (R6)
 
 
 @torch.library.custom_op("train_gpt::flash4", mutates_args=())
@@ -578,15 +565,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @torch.library.custom_op("train_gpt::embedding_backward", mutates_args=())
 def embedding_backward(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Gradient of an embedding table: rows of `grad` summed by id -> (num_rows, dim).
-
     An opaque op so torch.compile calls PyTorch's sort-based kernel: Inductor's own lowering uses
     atomic adds that serialise on frequent tokens (measured 5 ms per table per step on an H200)."""
     return torch.ops.aten.embedding_dense_backward(grad, ids, num_rows, -1, False)
 
 
-@embedding_backward.register_fake
-def _(grad, ids, num_rows):
-    return grad.new_empty(num_rows, grad.size(-1))
+embedding_backward.register_fake(lambda grad, ids, num_rows: grad.new_empty(num_rows, grad.size(-1)))
 
 
 class Embedding(nn.Embedding):
@@ -605,13 +589,11 @@ class _EmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (ids,) = ctx.saved_tensors
-        return embedding_backward(grad.contiguous(), ids, ctx.num_rows), None
+        return embedding_backward(grad.contiguous(), ctx.saved_tensors[0], ctx.num_rows), None
 
 
 class Rotary(nn.Module):
     """Partial rotary position embedding (RoPE, Su et al. 2021) on the first `rope_dims` of each head.
-
     Partial RoPE (16 of 64 dims) is from the 2026-03-21 record; the rest of the head is position-free."""
 
     def __init__(self, rope_dims: int, base: float, max_len: int):
@@ -632,15 +614,11 @@ class Rotary(nn.Module):
 
 def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """XSA: remove from each head's output its component along the token's own value vector.
-
     y: (B, T, H, D), v: (B, T, Hkv, D). From the XSA records (2026-03-20_11L_XSA4, PR #1019)."""
     b, t, h, d = y.shape
     groups = y.reshape(b, t, v.size(2), h // v.size(2), d)
     v_unit = F.normalize(v, dim=-1).unsqueeze(3)
     return (groups - (groups * v_unit).sum(-1, keepdim=True) * v_unit).reshape(b, t, h, d)
-
-
-GATE_INPUTS = 12  # leading residual channels that drive the attention output gate (R6)
 
 
 class CausalSelfAttention(nn.Module):
@@ -662,12 +640,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim) -> (B, T, dim); cu_seqlens as in `causal_attention`."""
         b, t, dim = x.shape
-        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q = self.rotary(rms_norm(self.c_q(x).view(b, t, self.num_heads, self.head_dim)))
+        k = self.rotary(rms_norm(self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)))
         v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
-        q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
-        k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, cu_seqlens)
+        y = causal_attention(q * self.q_gain.to(x.dtype)[:, None], k, v, cu_seqlens)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.gate is not None:
@@ -698,8 +674,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rotary, qk_gain_init, xsa, attn_gate)
         self.mlp = MLP(dim, hidden)
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.attn_scale = nn.Parameter(torch.ones(dim))
-        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1)
 
     def attend(self, x: torch.Tensor, x0: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -716,7 +691,6 @@ class Block(nn.Module):
 
 class BigramHash(nn.Module):
     """Embedding of a hash of the (previous, current) *input* token pair, projected to model_dim.
-
     bucket[t] = (36313 * tok[t] XOR 27191 * tok[t-1]) mod (buckets - 1); the reserved last bucket is
     used at position 0 and at every BOS, so no pair spans a document boundary. Targets are never
     hashed. From R1 (2026-03-20 record); table zero-initialised, projection orthogonal, scale 0.05."""
@@ -743,14 +717,12 @@ class BigramHash(nn.Module):
 
 class SmearGate(nn.Module):
     """x_t += sigmoid(g) * (x_{t-1} - x_t), a learned per-channel blend with the previous position.
-
     The blend is off at position 0 and wherever the current token is BOS, so nothing crosses a
     document boundary (the BOS fix of R8 / issue #1797). From R1; g starts at 0 (a 50/50 blend)."""
 
     def __init__(self, dim: int, bos_id: int):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
-        self.bos_id = bos_id
+        self.gate, self.bos_id = nn.Parameter(torch.zeros(dim)), bos_id
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D), input_ids: (B, T) -> (B, T, D)."""
@@ -761,9 +733,8 @@ class SmearGate(nn.Module):
 
 
 def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int) -> list[int]:
-    """Block indices in the order they run: blocks loop_start..loop_end repeat 1 + num_loops times
-    (depth recurrence, R6-R8: 11 blocks with 3..5 given two extra passes run as 17 virtual layers);
-    num_loops == 0 ignores the loop range."""
+    """Block indices in run order: blocks loop_start..loop_end repeat 1 + num_loops times (depth recurrence, R6-R8: 11
+    blocks with 3..5 given two extra passes run as 17 virtual layers); num_loops == 0 ignores the loop range."""
     if num_loops == 0:
         return list(range(num_layers))
     looped = list(range(loop_start, loop_end + 1)) * (1 + num_loops)
@@ -771,15 +742,13 @@ def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int)
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer with U-Net skips, tied embeddings and a tanh logit softcap.
-
-    Blocks run in `layer_order` (depth recurrence's extra passes only while `looping`, which is on from construction if
-    num_loops > 0). The first half of that order (encoder) pushes its outputs; each later step first merges in
-    skip_weights[j] * (mirrored encoder output): added, or with skip_gates blended as g x + (1 - g) skip, g =
-    sigmoid(gate) (R7). From block `parallel_start` on (R7's parallel residuals), attention and MLP update two lanes
-    that start from the same stream and are merged at the end by a learned weight. With doc_mask, attention never
-    crosses a BOS (pass cu_seqlens from `segments`). input_ids (B, T) int64 -> logits (B, T, V), or with targets (B, T):
-    mean NLL or per-token NLL (B, T) ("none"), in nats."""
+    """Decoder-only transformer with U-Net skips, tied embeddings and a tanh logit softcap. Blocks run in `layer_order`
+    (depth recurrence's extra passes only while `looping`, on from construction if num_loops > 0). The first half of
+    that order (encoder) pushes its outputs; each later step merges in skip_weights[j] * (mirrored encoder output):
+    added, or with skip_gates blended as g x + (1 - g) skip, g = sigmoid(gate) (R7). From block `parallel_start` on
+    (R7's parallel residuals), attention and MLP update two lanes from one stream, merged at the end by a learned
+    weight. With doc_mask, attention never crosses a BOS (pass cu_seqlens from `segments`). input_ids (B, T) int64 ->
+    logits (B, T, V), or with targets (B, T): mean NLL or per-token NLL (B, T) ("none"), in nats."""
 
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: float, rope_dims: int, rope_base: float, qk_gain_init: float, xsa_last_n: int,
@@ -794,11 +763,9 @@ class GPT(nn.Module):
         self.tok_emb = Embedding(vocab_size, model_dim)
         self.bigram = BigramHash(bigram_buckets, bigram_dim, model_dim, bos_id)
         self.smear = SmearGate(model_dim, bos_id)
-        self.blocks = nn.ModuleList(
-            Block(model_dim, num_heads, num_kv_heads, int(mlp_mult * model_dim), rotary, qk_gain_init,
-                  i >= num_layers - xsa_last_n, attn_gate, i)
-            for i in range(num_layers)
-        )
+        self.blocks = nn.ModuleList(Block(model_dim, num_heads, num_kv_heads, int(mlp_mult * model_dim), rotary,
+                                          qk_gain_init, i >= num_layers - xsa_last_n, attn_gate, i)
+                                    for i in range(num_layers))
         decoder_steps = max(len(order) - len(order) // 2 for order in self.orders.values())
         self.skip_weights = nn.Parameter(torch.ones(decoder_steps, model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(decoder_steps, model_dim)) if skip_gates else None
@@ -873,12 +840,9 @@ def linear_weights(model: nn.Module) -> list[nn.Parameter]:
 
 def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximate orthogonalisation U V^T of g (..., m, n) by a quintic Newton-Schulz iteration in bf16.
-
     Coefficients (3.4445, -4.7750, 2.0315) from Muon (Jordan et al. 2024, modded-nanogpt)."""
-    x = g.bfloat16()
-    transposed = x.size(-2) > x.size(-1)
-    if transposed:
-        x = x.mT
+    transposed = g.size(-2) > g.size(-1)
+    x = (g.mT if transposed else g).bfloat16()
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
         a = x @ x.mT
@@ -887,13 +851,11 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024) with decoupled weight decay.
-
-    For each 2-D parameter: buf = momentum*buf + grad; update = NS5(grad + momentum*buf) (Nesterov),
-    scaled by sqrt(max(1, rows/cols)); p -= lr*wd*p + lr*update. Equal shapes are orthogonalised in one
-    batched call; with several ranks, rank r does every world_size-th parameter of each shape and one
-    all-reduce shares the updates. row_normalize (MuonEq-R, R7/R8) first scales each row of the
-    Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation."""
+    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024) with decoupled weight decay. Per 2-D parameter:
+    buf = momentum*buf + grad; update = NS5(grad + momentum*buf) (Nesterov), scaled by sqrt(max(1, rows/cols));
+    p -= lr*wd*p + lr*update. Equal shapes are orthogonalised in one batched call; with several ranks, rank r does every
+    world_size-th parameter of each shape and one all-reduce shares the updates. row_normalize (MuonEq-R, R7/R8) first
+    scales each row of the Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, rt: Runtime,
                  row_normalize: bool = False):
@@ -958,8 +920,7 @@ class EMA:
     """Exponential moving average of all parameters, kept in fp32: shadow += (1 - decay) * (p - shadow)."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.params = list(model.parameters())
+        self.decay, self.params = decay, list(model.parameters())
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
@@ -994,11 +955,10 @@ def finite_loss(loss: torch.Tensor, step: int, rt: Runtime, weights: list[torch.
 
 def wrap_for_training(model: GPT, rt: Runtime) -> nn.Module:
     """torch.compile (GPU), then DistributedDataParallel when several ranks run."""
-    compiled = maybe_compile(model, rt.device)
     if not rt.distributed:
-        return compiled
+        return maybe_compile(model, rt.device)
     device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(compiled, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(maybe_compile(model, rt.device), device_ids=device_ids, broadcast_buffers=False)
 
 
 def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad_clip_norm: float,
@@ -1023,17 +983,14 @@ def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad
 def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, accum: int, log: Logger,
           budget_seconds: float) -> tuple[int, float, EMA]:
     """Train until `budget_seconds` of wall clock (or ITERATIONS); returns (steps, seconds of the timed loop, EMA).
-
-    Before the clock starts, WARMUP_STEPS full steps on random tokens prime torch.compile; the model
-    and optimizers are then reset to their initial state. The LR warm-down follows the fraction of
-    the budget used; the stop decision is the max over ranks, so every rank stops at the same step.
-    With NUM_LOOPS > 0 the extra passes of depth recurrence start once LOOP_FROM of the budget is
-    used (the same step on every rank; warm-up compiles the graphs with and without them)."""
+    Before the clock starts, WARMUP_STEPS full steps on random tokens prime torch.compile, then the model and optimizers
+    are reset to their initial state. The LR warm-down follows the fraction of the budget used; the stop decision is the
+    max over ranks, so every rank stops at the same step. With NUM_LOOPS > 0 the extra passes of depth recurrence start
+    once LOOP_FROM of the budget is used (on the same step on every rank; warm-up compiles both graphs)."""
     net = wrap_for_training(model, rt)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     warm_opts = build_optimizers(model, args, rt)
-    seqs = loader.seqs_per_rank
-    delayed_loops = args.num_loops > 0 and args.loop_from > 0
+    seqs, delayed_loops = loader.seqs_per_rank, args.num_loops > 0 and args.loop_from > 0
     for step in range(args.warmup_steps):
         model.looping = args.num_loops > 0 and not (delayed_loops and step % 2 == 0)  # compile both graphs
         rand = torch.randint(0, args.vocab_size, (accum, seqs, args.train_seq_len + 1), device=rt.device)
@@ -1096,14 +1053,12 @@ ARTIFACT_MAGIC = b"PGOLF-INT-2\n"
 def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime) -> dict[str, torch.Tensor]:
     """GPTQ Hessians H = E[x x^T] on training batches, of the inputs of every block linear layer and of
     the tied output head (the final RMS-normed hidden state, for tok_emb.weight as the head's weight).
-
     Returns {weight name: (in_features, in_features) fp32}, averaged over tokens and ranks."""
     sums: dict[str, torch.Tensor] = {}
 
     def accumulate(key: str, x: torch.Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
         sums[key] = sums.get(key, 0) + x.T @ x
-
     hooks = [model.final_norm.register_forward_hook(lambda _m, _i, out: accumulate("tok_emb.weight", out))]
     for name, module in model.blocks.named_modules():
         if isinstance(module, nn.Linear):
@@ -1117,34 +1072,29 @@ def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime)
     finally:
         for h in hooks:
             h.remove()
-    tokens = torch.tensor(float(batches * loader.seqs_per_rank * loader.seq_len), device=rt.device)
-    all_reduce(tokens, rt)
+    tokens = all_reduce(torch.tensor(float(batches * loader.seqs_per_rank * loader.seq_len), device=rt.device), rt)
     return {k: all_reduce(v, rt) / tokens for k, v in sums.items()}
 
 
 def choose_row_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
     """Per-row scale (fp16-representable) minimising round-to-nearest MSE over clip quantiles.
-
     w: (..., rows, cols) fp32 -> (..., rows) fp32. The clip search of GPTQ-lite (R2)."""
     best_scale, best_err = None, torch.full(w.shape[:-1], math.inf, device=w.device)
     for q in CLIP_QUANTILES:
         clip = w.abs().amax(-1) if q == 1.0 else torch.quantile(w.abs(), q, dim=-1)
         scale = (clip / qmax).clamp_min(1e-6).half().float()
         err = (w - (w / scale[..., None]).round().clamp(-qmax, qmax) * scale[..., None]).square().sum(-1)
-        better = err < best_err
-        best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
+        best_scale = scale if best_scale is None else torch.where(err < best_err, scale, best_scale)
         best_err = torch.minimum(err, best_err)
     return best_scale
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int, block: int = 128,
                   damp: float = 0.01) -> torch.Tensor:
-    """GPTQ (Frantar et al., ICLR 2023) with act-order, batched over a leading dimension.
-
-    w: (L, rows, cols) fp32 weights, h: (L, cols, cols) input Hessians, scale: (L, rows) fixed per-row
-    scales. Columns are quantized in order of decreasing Hessian diagonal; each column's rounding error
-    is propagated to the not-yet-quantized columns through the inverse Hessian's Cholesky factor.
-    Returns int8 codes (L, rows, cols) in [-qmax, qmax]."""
+    """GPTQ (Frantar et al., ICLR 2023) with act-order, batched over a leading dimension. w: (L, rows, cols) fp32
+    weights, h: (L, cols, cols) input Hessians, scale: (L, rows) fixed per-row scales. Columns are quantized in order of
+    decreasing Hessian diagonal; each column's rounding error is propagated to the not-yet-quantized columns through the
+    inverse Hessian's Cholesky factor. Returns int8 codes (L, rows, cols) in [-qmax, qmax]."""
     w, h = w.clone().float(), h.clone().float()
     L, rows, cols = w.shape
     diag = h.diagonal(dim1=-2, dim2=-1)
@@ -1163,8 +1113,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: i
         except torch.linalg.LinAlgError:
             if attempt == 4:
                 raise
-    s = scale[:, :, None]
-    q_all = torch.zeros_like(w)
+    s, q_all = scale[:, :, None], torch.zeros_like(w)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         wb, hb = w[:, :, i1:i2].clone(), hinv[:, i1:i2, i1:i2]
@@ -1229,10 +1178,8 @@ def quantize_groups(groups: list[MatrixGroup], alpha: float, use_gptq: bool) -> 
     entries = {}
     for g in groups:
         scale = (g.scale * alpha).half().float()
-        if use_gptq and g.h is not None:
-            q = gptq_quantize(g.w, g.h, scale, g.qmax)
-        else:
-            q = quantize_rows(g.w, scale, g.qmax)
+        q = (gptq_quantize(g.w, g.h, scale, g.qmax) if use_gptq and g.h is not None
+             else quantize_rows(g.w, scale, g.qmax))
         for i, n in enumerate(g.names):
             entries[n] = {"kind": INT_KINDS[g.qmax], "q": q[i], "scale": scale[i].half()}
     return entries
@@ -1241,7 +1188,6 @@ def quantize_groups(groups: list[MatrixGroup], alpha: float, use_gptq: bool) -> 
 def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: dict,
                     max_bytes: int) -> tuple[dict[str, dict], float]:
     """Quantize so the compressed artifact stays under max_bytes; returns (entries, alpha).
-
     Every step size is multiplied by the smallest alpha >= 1 whose estimated size fits: bisection on
     round-to-nearest codes, then GPTQ at that alpha, raising alpha until the GPTQ codes fit too. Sizes
     are estimated with zstd level 1, within about 0.3% of level 22 on these codes (hence 0.5% margin)."""
@@ -1249,7 +1195,6 @@ def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: d
 
     def size(entries: dict) -> int:
         return len(zstandard.ZstdCompressor(level=1).compress(serialize_artifact(config, {**small, **entries})))
-
     lo, hi = 1.0, 1.0
     while size(quantize_groups(groups, hi, use_gptq=False)) > target:
         if hi > 1e3:  # every code is already 0
@@ -1270,29 +1215,19 @@ def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: d
 
 def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
     """Inverse of the quantizers (up to rounding): fp32 tensors."""
-    out = {}
-    for name, e in entries.items():
-        if e["kind"] in INT_KINDS.values():
-            out[name] = e["q"].float() * e["scale"].float()[:, None]
-        else:
-            out[name] = e["data"].float()
-    return out
+    return {name: e["q"].float() * e["scale"].float()[:, None] if e["kind"] in INT_KINDS.values() else e["data"].float()
+            for name, e in entries.items()}
 
 
 def serialize_artifact(config: dict, entries: dict[str, dict]) -> bytes:
-    """Uncompressed artifact: magic, raw arrays, JSON header, 8-byte header length.
-
-    Arrays are grouped by kind (int6 codes, int7 codes, their scales, fp16, fp32) so similar bytes sit
-    together for the compressor; the header goes last because text ahead of the codes made zstd-22
-    compress them up to 6% worse. No pickle: the artifact holds only numbers and this header."""
+    """Uncompressed artifact: magic, raw arrays, JSON header, 8-byte header length. Arrays are grouped by kind (int6
+    codes, int7 codes, their scales, fp16, fp32) so similar bytes sit together; the header goes last, as text ahead of
+    the codes made zstd-22 compress them up to 6% worse. No pickle: the artifact holds only numbers and this header."""
     header = {"config": config, "tensors": []}
     parts, offset = [], 0
-    groups = [(k, "q") for k in INT_KINDS.values()] + [(k, "scale") for k in INT_KINDS.values()] + \
-        [("fp16", "data"), ("fp32", "data")]
-    for kind, field in groups:
-        for name, e in entries.items():
-            if e["kind"] != kind:
-                continue
+    order = [(k, f) for f in ("q", "scale") for k in INT_KINDS.values()] + [("fp16", "data"), ("fp32", "data")]
+    for kind, field in order:
+        for name, e in ((name, e) for name, e in entries.items() if e["kind"] == kind):
             arr = e[field].detach().cpu().contiguous().numpy()
             header["tensors"].append({"name": name, "kind": kind, "field": field, "dtype": str(arr.dtype),
                                       "shape": list(arr.shape), "offset": offset})
@@ -1321,8 +1256,7 @@ def unpack_artifact(blob: bytes, source: str = "blob") -> tuple[dict, dict[str, 
     payload = memoryview(raw)[len(ARTIFACT_MAGIC) : -8 - head_len]
     entries: dict[str, dict] = {}
     for t in header["tensors"]:
-        count = int(np.prod(t["shape"]))
-        arr = np.frombuffer(payload, dtype=np.dtype(t["dtype"]), count=count, offset=t["offset"])
+        arr = np.frombuffer(payload, dtype=np.dtype(t["dtype"]), count=int(np.prod(t["shape"])), offset=t["offset"])
         entries.setdefault(t["name"], {"kind": t["kind"]})[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]).copy())
     return header["config"], entries
 
@@ -1341,7 +1275,6 @@ def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows covering targets 0..n_targets-1 exactly once, each with at least seq_len-stride context.
-
     Window i reads inputs tokens[start_i : start_i + seq_len] and scores its positions >= from_i, i.e. targets start_i +
     from_i .. start_i + seq_len - 1 (target j is token j+1). The first window scores all of its positions; each later
     one scores the `stride` targets after the previous. Returns (starts, score_from), int64 tensors of equal length.
@@ -1384,8 +1317,6 @@ class ScoreBoard:
 def score_windows(model_fn, tokens: torch.Tensor, starts: torch.Tensor, score_from: torch.Tensor,
                   batch: int, seq_len: int, board: ScoreBoard, device: torch.device) -> None:
     """Score the given windows in batches of `batch` (the last padded by repetition), writing into board."""
-    if len(starts) == 0:
-        return
     offsets = torch.arange(seq_len + 1, device=device)
     for i in range(0, len(starts), batch):
         s, f = starts[i : i + batch].to(device), score_from[i : i + batch].to(device)
@@ -1409,12 +1340,10 @@ def evaluate(model_fn, tokens: torch.Tensor, bytes_per_target: torch.Tensor, str
     """Score all targets with windows of TRAIN_SEQ_LEN at `stride`, split across ranks -> (loss, bpb, board)."""
     n = tokens.numel() - 1
     starts, score_from = sliding_windows(n, args.train_seq_len, stride)
-    mine = rank_slice(len(starts), rt)
-    board = ScoreBoard(n, rt.device)
+    mine, board = rank_slice(len(starts), rt), ScoreBoard(n, rt.device)
     score_windows(model_fn, tokens, starts[mine], score_from[mine], args.eval_batch_seqs, args.train_seq_len,
                   board, rt.device)
-    loss, bpb = board.finalize(bytes_per_target, rt)
-    return loss, bpb, board
+    return *board.finalize(bytes_per_target, rt), board
 
 
 def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime) -> None:
@@ -1424,9 +1353,8 @@ def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime
     An eager model_fn (the model itself, as maybe_compile gives on CPU) has nothing to compile: no-op."""
     if model_fn is model:  # eager (CPU): nothing to compile
         return
-    seq_len, vocab = args.train_seq_len, args.vocab_size
     with torch.inference_mode(), autocast(rt.device):
-        x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len + 1), device=rt.device)
+        x = torch.randint(0, args.vocab_size, (args.eval_batch_seqs, args.train_seq_len + 1), device=rt.device)
         model_fn(x[:, :-1], x[:, 1:], "none", model.segments(x[:, :-1]))
     synchronize(rt.device)
 
@@ -1447,12 +1375,11 @@ def document_spans(tokens: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, tor
 
 def lora_schedule(starts: torch.Tensor, lengths: torch.Tensor, rows: int, chunk: int, seq_len: int) -> torch.Tensor:
     """Which chunk of which document each of `rows` batch rows processes at each step. Documents start in stream order,
-    never reordered (R6 sorts them by length): the first `rows` start together, then each takes the row that frees
-    first (lowest index on ties), so no row waits for the longest document of a group. Chunk k of a document of n
-    targets scores targets k*chunk .. min((k+1)*chunk, n)-1 of it, reading the latest <= seq_len tokens of the
-    document up to its end. Returns plan (steps, rows, 5) int64: the window's first input position, its length (0: idle
-    row), its first scored offset, 1 if the step trains on the chunk (all but a document's last), 1 if the row starts a
-    document."""
+    never reordered (R6 sorts them by length): the first `rows` start together, then each takes the row that frees first
+    (lowest index on ties), so no row waits for the longest document of a group. Chunk k of a document of n targets
+    scores targets k*chunk .. min((k+1)*chunk, n)-1 of it, reading the document's latest <= seq_len tokens up to its
+    end. Returns plan (steps, rows, 5) int64: the window's first input position, its length (0: idle row), its first
+    scored offset, 1 if the step trains on the chunk (all but a document's last), 1 if the row starts a document."""
     chunks, free, first, row = (lengths + chunk - 1) // chunk, [(0, r) for r in range(rows)], [], []
     for c in chunks.tolist():
         t, r = heapq.heappop(free)
