@@ -1472,6 +1472,16 @@ def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Te
         lora.update(torch.autograd.grad((nll * weight).sum(), lora.params), train, lr)
 
 
+def rank_lora_plan(tokens: torch.Tensor, bos_id: int, args: Hyperparameters,
+                   rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's TTT work: its consecutive documents of the stream (balanced across ranks by chunk count), as a
+    bool mask over document_spans' documents, and their lora_schedule plan (steps, TTT_LORA_DOCS, 5) on CPU."""
+    starts, lengths = document_spans(tokens, bos_id)
+    chunks = (lengths + args.ttt_lora_chunk - 1) // args.ttt_lora_chunk
+    mine = (chunks.cumsum(0) - chunks) * rt.world_size // chunks.sum() == rt.rank
+    return mine, lora_schedule(starts[mine], lengths[mine], args.ttt_lora_docs, args.ttt_lora_chunk, args.train_seq_len)
+
+
 def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters, rt: Runtime,
                  log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
     """Score-first per-document LoRA TTT (R6 PR #1667 / R7 PR #1530): every target is scored once, before any update
@@ -1480,12 +1490,9 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
     (lora_schedule); the graph is compiled first on random tokens, never validation tokens. If the projected time
     passes `deadline` (perf_counter s), adapting stops and the remaining steps only score (logged). No collective
     runs between steps, so ranks never wait for each other until the final all-reduce."""
-    n, device, rows, chunk, width = tokens.numel() - 1, rt.device, args.ttt_lora_docs, args.ttt_lora_chunk, \
-        args.train_seq_len
-    starts, lengths = document_spans(tokens, model.bos_id)
-    chunks = (lengths + chunk - 1) // chunk
-    mine = (chunks.cumsum(0) - chunks) * rt.world_size // chunks.sum() == rt.rank
-    plan = lora_schedule(starts[mine], lengths[mine], rows, chunk, width).to(device)
+    n, device, rows, width = tokens.numel() - 1, rt.device, args.ttt_lora_docs, args.train_seq_len
+    mine, plan = rank_lora_plan(tokens, model.bos_id, args, rt)
+    plan = plan.to(device)
     board, lora, steps = ScoreBoard(n, device), DocumentLoRA(model, rows, args.ttt_lora_rank, device), len(plan)
     try:
         model_fn, adapting, adapted = maybe_compile(model, device), True, 0
@@ -1509,7 +1516,7 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
     finally:
         lora.remove()
     loss, bpb = board.finalize(bytes_per_target, rt)
-    log(f"ttt documents {int(mine.sum())} of {len(starts)} steps {steps} adapted {adapted} rows {rows} "
+    log(f"ttt documents {int(mine.sum())} of {len(mine)} steps {steps} adapted {adapted} rows {rows} "
         f"time {time.perf_counter() - t0:.1f}s")
     return loss, bpb, board
 

@@ -240,23 +240,12 @@ def window_counts(args: tg.Hyperparameters, n: int, name: str, rt: tg.Runtime) -
             f"{name}_batches": my_batches(args, windows, rt)}
 
 
-def rank_plan(args: tg.Hyperparameters, tokens: torch.Tensor, rt: tg.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """evaluate_ttt's work on rank rt.rank: the stream's documents (document_spans), this rank's consecutive ones
-    (evaluate_ttt's rule: balanced by chunk count) and their lora_schedule. Returns (mine: (documents,) bool,
-    plan: (steps, TTT_LORA_DOCS, 5) int64, one lora_step of TTT_LORA_DOCS x TRAIN_SEQ_LEN tokens a step)."""
-    chunk = args.ttt_lora_chunk
-    starts, lengths = tg.document_spans(tokens, BOS_ID)
-    chunks = (lengths + chunk - 1) // chunk
-    mine = (chunks.cumsum(0) - chunks) * rt.world_size // chunks.sum() == rt.rank
-    return mine, tg.lora_schedule(starts[mine], lengths[mine], args.ttt_lora_docs, chunk, args.train_seq_len)
-
-
 def ttt_counts(args: tg.Hyperparameters, tokens: torch.Tensor, rt: tg.Runtime) -> dict:
-    """TTT's work on rank rt.rank (rank_plan): its documents (of all the stream's), its steps, the steps in which
-    some row trains (the others only score: every row is on its document's last chunk or idle), the targets it
-    scores, and its row-tokens: read (window tokens of real rows) and computed (steps x rows x TRAIN_SEQ_LEN,
-    padding included)."""
-    mine, plan = rank_plan(args, tokens, rt)
+    """TTT's work on rank rt.rank (train_gpt.rank_lora_plan, as evaluate_ttt uses it): its documents (of all the
+    stream's), its steps, the steps in which some row trains (the others only score: every row is on its document's
+    last chunk or idle), the targets it scores, and its row-tokens: read (window tokens of real rows) and computed
+    (steps x rows x TRAIN_SEQ_LEN, padding included)."""
+    mine, plan = tg.rank_lora_plan(tokens, BOS_ID, args, rt)
     return dict(ttt_documents=int(mine.sum()), ttt_all_documents=len(mine), ttt_steps=len(plan),
                 ttt_training_steps=int(plan[:, :, 3].any(1).sum()),
                 ttt_targets=int((plan[:, :, 1] - plan[:, :, 2]).sum()),
@@ -538,7 +527,7 @@ def run_ttt(model: tg.GPT, tokens: torch.Tensor, args: tg.Hyperparameters, rt: t
 def measure_ttt(model: tg.GPT, tokens: torch.Tensor, args: tg.Hyperparameters, rt: tg.Runtime, steps: int, warm: int,
                 sample: int) -> dict:
     """TTT's fixed and unit times on rank rt.rank, from train_gpt.evaluate_ttt itself on the whole stream (`steps`
-    steps: rank_plan's), stopped after its first warm+sample steps (StepStamps): its set-up seconds (documents,
+    steps: rank_lora_plan's), stopped after its first warm+sample steps (StepStamps): its set-up seconds (documents,
     schedule, adapters: from the call to the warm-up step), compile + warm-up seconds (the warm-up step and what
     follows it until the first step), and the seconds per step of steps warm..warm+sample-1, adapting and scoring
     only (the same steps again, adapting=False)."""
@@ -787,10 +776,10 @@ def print_ttt_verdict(ttt: dict, full: dict) -> None:
 
 
 def counts_line(args: tg.Hyperparameters, c: dict, world: int) -> str:
-    """The counts behind the table: the evaluated rank's windows and score batches of the round-trip (and pre-quant) pass,
-    then of the final pass: TTT's documents, steps and row-tokens, or the sliding pass's windows and batches."""
-    line = (f"counts (rank {c['rank']} of {world}, n={c['n_targets']:,}): round-trip {c['roundtrip_windows']:,} windows = "
-            f"{c['roundtrip_batches']:,} batches of {args.eval_batch_seqs}; ")
+    """The counts behind the table: the evaluated rank's windows and score batches of the round-trip (and pre-quant)
+    pass, then of the final pass: TTT's documents, steps and row-tokens, or the sliding pass's windows and batches."""
+    line = (f"counts (rank {c['rank']} of {world}, n={c['n_targets']:,}): round-trip {c['roundtrip_windows']:,} "
+            f"windows = {c['roundtrip_batches']:,} batches of {args.eval_batch_seqs}; ")
     if args.ttt_enabled:
         return line + (f"TTT {c['ttt_documents']:,} of {c['ttt_all_documents']:,} documents ({c['ttt_targets']:,} "
                        f"targets) in {c['ttt_steps']:,} steps of {args.ttt_lora_docs} x {args.train_seq_len} "
@@ -1049,7 +1038,8 @@ def parse_args(argv=None):
     ap.add_argument("--sample-batches", type=int, default=40, help="timed score batches per pass (after 3 untimed)")
     ap.add_argument("--sample-steps", type=int, default=20,
                     help="timed TTT steps, adapting and then scoring only (after 2 untimed; with TTT only)")
-    ap.add_argument("--full", action="store_true", help="also run the evaluated rank's whole share of every pass (a check)")
+    ap.add_argument("--full", action="store_true",
+                    help="also run the evaluated rank's whole share of every pass (a check)")
     ap.add_argument("--eval-only", action="store_true",
                     help="skip the training measurement (the pre-quant pass is then timed with the loaded model)")
     ap.add_argument("--comm-json", default="", help="all-reduce measurements written by --comm")
