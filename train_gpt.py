@@ -19,6 +19,7 @@ import datetime
 import difflib
 import glob
 import hashlib
+import heapq
 import importlib.metadata
 import inspect
 import io
@@ -59,7 +60,6 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 @dataclass
 class Hyperparameters:
     """Every knob of the run. Field `foo_bar` is overridden by environment variable `FOO_BAR`.
-
     Defaults are the contest configuration: 8 GPUs x 600 s, 786,432 tokens per step, sp1024.
     Booleans accept 1/0/true/false. Raises ValueError for unparsable or inconsistent values."""
 
@@ -127,24 +127,20 @@ class Hyperparameters:
     eval_stride: int = 64
     eval_batch_seqs: int = 32  # windows per forward, per GPU
     eval_max_seconds: float = 600.0  # everything after training; TTT degrades to scoring past it
-    ttt_enabled: bool = True
-    ttt_chunk_tokens: int = 32_768
-    ttt_epochs: int = 3
-    ttt_lr: float = 0.002
-    ttt_momentum: float = 0.9
-    ttt_batch_seqs: int = 32
-    ttt_grad_clip: float = 1.0
+    ttt_enabled: bool = True  # per-document LoRA TTT (R6/R7); 0: the plain sliding pass is the final score
+    ttt_lora_rank: int = 32
+    ttt_lora_lr: float = 3e-4  # Adam with beta1 0, beta2 0.999 (R6/R7), one state per document
+    ttt_lora_chunk: int = 96  # targets of a document scored, then trained on, per step
+    ttt_lora_docs: int = 64  # documents adapted side by side (batch rows of TRAIN_SEQ_LEN tokens)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> tuple["Hyperparameters", dict[str, str]]:
         """Build from the environment; returns (hyperparameters, {VAR: raw value} of overrides)."""
         kwargs, overrides = {}, {}
         for f in fields(cls):
-            raw = environ.get(f.name.upper())
-            if raw is None:
-                continue
-            kwargs[f.name] = _parse_env_value(f.name.upper(), f.type, raw)
-            overrides[f.name.upper()] = raw
+            if (raw := environ.get(f.name.upper())) is not None:
+                kwargs[f.name] = _parse_env_value(f.name.upper(), f.type, raw)
+                overrides[f.name.upper()] = raw
         args = cls(**kwargs)
         args.validate()
         return args, overrides
@@ -153,9 +149,9 @@ class Hyperparameters:
         """Raise ValueError naming the first inconsistent setting."""
         positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "train_batch_tokens", "train_seq_len", "micro_batch_tokens", "eval_stride", "eval_batch_seqs",
-                    "ttt_chunk_tokens", "ttt_batch_seqs", "log_every", "iterations")
-        for name in positive + ("matrix_lr", "embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
-                                "grad_accum_steps", "gptq_calib_batches", "warmup_steps", "ttt_epochs"):
+                    "log_every", "iterations", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_docs")
+        for name in positive + ("matrix_lr", "embed_lr", "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm",
+                                "grad_accum_steps", "gptq_calib_batches", "warmup_steps", "ttt_lora_lr"):
             value = getattr(self, name)
             if value < 0 or (value == 0 and name in positive):
                 raise ValueError(f"{name.upper()} must be {'positive' if name in positive else '>= 0'}, got {value}")
@@ -175,8 +171,6 @@ class Hyperparameters:
             (not self.attn_gate or self.model_dim >= GATE_INPUTS, f"ATTN_GATE needs MODEL_DIM >= {GATE_INPUTS}"),
             (self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be at least 2"),
             (self.train_seq_len % self.eval_stride == 0, "TRAIN_SEQ_LEN must be a multiple of EVAL_STRIDE"),
-            (self.ttt_chunk_tokens % self.train_seq_len == 0,
-             "TTT_CHUNK_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
             (0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC must be in [0, 1]"),
             (0.0 <= self.gptq_reserve_seconds < self.max_wallclock_seconds,
              "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
@@ -217,8 +211,7 @@ class Runtime:
 def init_runtime() -> Runtime:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick cuda:LOCAL_RANK (or CPU), join the group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -272,11 +265,10 @@ class Logger:
             open(path, "w", encoding="utf-8").close()
 
     def __call__(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        print(msg, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(msg + "\n")
+        if self.enabled:
+            print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -331,7 +323,6 @@ def find_shards(pattern: str) -> list[str]:
 
 def open_shard(path: str) -> np.ndarray:
     """Memory-map one shard's tokens (uint16, read-only) after checking its header and size.
-
     Raises ValueError on a short header, wrong magic/version, or a size that disagrees with the header."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS:
@@ -341,8 +332,7 @@ def open_shard(path: str) -> np.ndarray:
                          f"{SHARD_MAGIC}/{SHARD_VERSION}: not a challenge shard; re-create it with the data script")
     num_tokens = int(header[2])
     expected = SHARD_HEADER_BYTES + 2 * num_tokens
-    actual = os.path.getsize(path)
-    if actual != expected:
+    if (actual := os.path.getsize(path)) != expected:
         raise ValueError(f"{path}: {actual} bytes, but its header promises {num_tokens} tokens ({expected} bytes): "
                          "truncated or corrupt; download it again")
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
@@ -357,25 +347,21 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
 
 def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> torch.Tensor:
     """All validation shards concatenated, cut to a multiple of seq_len plus one token (challenge rule).
-
     Returns int64 tensor of shape (n * seq_len + 1,). Raises ValueError if shorter than one sequence."""
     tokens = np.concatenate([np.asarray(open_shard(f)) for f in find_shards(pattern)])
     check_token_ids(tokens, vocab_size, pattern)
-    usable = ((tokens.size - 1) // seq_len) * seq_len
-    if usable <= 0:
+    if (usable := ((tokens.size - 1) // seq_len) * seq_len) <= 0:
         raise ValueError(f"validation set has {tokens.size} tokens, fewer than TRAIN_SEQ_LEN+1={seq_len + 1}; "
                          "use the full val shard or a shorter TRAIN_SEQ_LEN")
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
 
 
 class TokenLoader:
-    """Training batches of (seq_len+1)-token blocks, shuffled per epoch, identical for any world size.
-
-    Each epoch cuts every shard into blocks at a random phase, permutes all blocks with a generator
-    seeded by (seed, epoch), and serves them in order: a step takes the next `seqs_per_rank *
-    world_size` blocks and rank r reads its own contiguous slice, so ranks read disjoint spans and
-    the union is the one-GPU batch. Shards are memory-mapped; token ids are checked before training.
-    Raises like `open_shard` and `check_token_ids`, or ValueError when the shards hold less than a step."""
+    """Training batches of (seq_len+1)-token blocks, shuffled per epoch, identical for any world size. Each epoch cuts
+    every shard into blocks at a random phase, permutes all blocks with a generator seeded by (seed, epoch) and serves
+    them in order: a step takes the next `seqs_per_rank * world_size` blocks, rank r its own contiguous slice, so ranks
+    read disjoint spans whose union is the one-GPU batch. Shards are memory-mapped; token ids are checked before
+    training. Raises like `open_shard` and `check_token_ids`, or ValueError if the shards hold less than a step."""
 
     def __init__(self, pattern: str, seq_len: int, seqs_per_rank: int, rt: Runtime, seed: int, vocab_size: int):
         files = find_shards(pattern)
@@ -394,8 +380,7 @@ class TokenLoader:
         self.phase = int(rng.integers(self.seq_len)) if self.epoch > 0 else 0
         counts = [max(0, (len(s) - 1 - self.phase) // self.seq_len) for s in self.shards]
         self.block_offsets = np.cumsum([0] + counts)
-        self.order = rng.permutation(int(self.block_offsets[-1]))
-        self.cursor = 0
+        self.order, self.cursor = rng.permutation(int(self.block_offsets[-1])), 0
 
     def _block(self, block_id: int) -> np.ndarray:
         shard = int(np.searchsorted(self.block_offsets, block_id, side="right")) - 1
@@ -445,7 +430,6 @@ def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, 
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token byte rule of the challenge, as arrays indexed by token id.
-
     Returns (base_bytes int64, has_leading_space bool, is_boundary bool). Control/unknown/unused tokens are boundaries
     worth 0 bytes; byte-fallback tokens are 1 byte; other pieces count the UTF-8 bytes of the piece without its leading
     "▁", which adds one byte unless the previous token is a boundary (so no space is counted right after BOS)."""
@@ -484,7 +468,6 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 def doc_segments(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
     """Document segments of a batch for masked attention: input_ids (B, T) -> cu_seqlens, int32 (S+1,).
-
     Offsets into the B*T flattened tokens where a segment starts (every row start and every BOS),
     then B*T. Its length depends on the data, so it is computed eagerly and marked dynamic: one
     compiled graph serves every batch (a fixed-size graph would recompile for each document count)."""
@@ -505,6 +488,7 @@ except ImportError:
 
 FLASH_FASTER = {"H100": {"dense", "varlen"}, "H200": {"dense", "varlen"}}  # GPU name -> modes measured faster (README)
 ATTENTION_ROUTES = {"dense": None, "varlen": None}  # FlashAttention's call per mode, None: PyTorch's (select_attention)
+GATE_INPUTS = 12  # leading residual channels that drive the attention output gate (R6)
 
 
 @torch.library.custom_op("train_gpt::flash4", mutates_args=())
@@ -581,15 +565,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @torch.library.custom_op("train_gpt::embedding_backward", mutates_args=())
 def embedding_backward(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Gradient of an embedding table: rows of `grad` summed by id -> (num_rows, dim).
-
     An opaque op so torch.compile calls PyTorch's sort-based kernel: Inductor's own lowering uses
     atomic adds that serialise on frequent tokens (measured 5 ms per table per step on an H200)."""
     return torch.ops.aten.embedding_dense_backward(grad, ids, num_rows, -1, False)
 
 
-@embedding_backward.register_fake
-def _(grad, ids, num_rows):
-    return grad.new_empty(num_rows, grad.size(-1))
+embedding_backward.register_fake(lambda grad, ids, num_rows: grad.new_empty(num_rows, grad.size(-1)))
 
 
 class Embedding(nn.Embedding):
@@ -608,13 +589,11 @@ class _EmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (ids,) = ctx.saved_tensors
-        return embedding_backward(grad.contiguous(), ids, ctx.num_rows), None
+        return embedding_backward(grad.contiguous(), ctx.saved_tensors[0], ctx.num_rows), None
 
 
 class Rotary(nn.Module):
     """Partial rotary position embedding (RoPE, Su et al. 2021) on the first `rope_dims` of each head.
-
     Partial RoPE (16 of 64 dims) is from the 2026-03-21 record; the rest of the head is position-free."""
 
     def __init__(self, rope_dims: int, base: float, max_len: int):
@@ -635,15 +614,11 @@ class Rotary(nn.Module):
 
 def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """XSA: remove from each head's output its component along the token's own value vector.
-
     y: (B, T, H, D), v: (B, T, Hkv, D). From the XSA records (2026-03-20_11L_XSA4, PR #1019)."""
     b, t, h, d = y.shape
     groups = y.reshape(b, t, v.size(2), h // v.size(2), d)
     v_unit = F.normalize(v, dim=-1).unsqueeze(3)
     return (groups - (groups * v_unit).sum(-1, keepdim=True) * v_unit).reshape(b, t, h, d)
-
-
-GATE_INPUTS = 12  # leading residual channels that drive the attention output gate (R6)
 
 
 class CausalSelfAttention(nn.Module):
@@ -665,12 +640,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim) -> (B, T, dim); cu_seqlens as in `causal_attention`."""
         b, t, dim = x.shape
-        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q = self.rotary(rms_norm(self.c_q(x).view(b, t, self.num_heads, self.head_dim)))
+        k = self.rotary(rms_norm(self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)))
         v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
-        q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
-        k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, cu_seqlens)
+        y = causal_attention(q * self.q_gain.to(x.dtype)[:, None], k, v, cu_seqlens)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.gate is not None:
@@ -701,8 +674,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rotary, qk_gain_init, xsa, attn_gate)
         self.mlp = MLP(dim, hidden)
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.attn_scale = nn.Parameter(torch.ones(dim))
-        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1)
 
     def attend(self, x: torch.Tensor, x0: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -719,7 +691,6 @@ class Block(nn.Module):
 
 class BigramHash(nn.Module):
     """Embedding of a hash of the (previous, current) *input* token pair, projected to model_dim.
-
     bucket[t] = (36313 * tok[t] XOR 27191 * tok[t-1]) mod (buckets - 1); the reserved last bucket is
     used at position 0 and at every BOS, so no pair spans a document boundary. Targets are never
     hashed. From R1 (2026-03-20 record); table zero-initialised, projection orthogonal, scale 0.05."""
@@ -746,14 +717,12 @@ class BigramHash(nn.Module):
 
 class SmearGate(nn.Module):
     """x_t += sigmoid(g) * (x_{t-1} - x_t), a learned per-channel blend with the previous position.
-
     The blend is off at position 0 and wherever the current token is BOS, so nothing crosses a
     document boundary (the BOS fix of R8 / issue #1797). From R1; g starts at 0 (a 50/50 blend)."""
 
     def __init__(self, dim: int, bos_id: int):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
-        self.bos_id = bos_id
+        self.gate, self.bos_id = nn.Parameter(torch.zeros(dim)), bos_id
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D), input_ids: (B, T) -> (B, T, D)."""
@@ -764,9 +733,8 @@ class SmearGate(nn.Module):
 
 
 def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int) -> list[int]:
-    """Block indices in the order they run: blocks loop_start..loop_end repeat 1 + num_loops times
-    (depth recurrence, R6-R8: 11 blocks with 3..5 given two extra passes run as 17 virtual layers);
-    num_loops == 0 ignores the loop range."""
+    """Block indices in run order: blocks loop_start..loop_end repeat 1 + num_loops times (depth recurrence, R6-R8: 11
+    blocks with 3..5 given two extra passes run as 17 virtual layers); num_loops == 0 ignores the loop range."""
     if num_loops == 0:
         return list(range(num_layers))
     looped = list(range(loop_start, loop_end + 1)) * (1 + num_loops)
@@ -774,15 +742,13 @@ def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int)
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer with U-Net skips, tied embeddings and a tanh logit softcap.
-
-    Blocks run in `layer_order` (depth recurrence's extra passes only while `looping`, which is on from construction if
-    num_loops > 0). The first half of that order (encoder) pushes its outputs; each later step first merges in
-    skip_weights[j] * (mirrored encoder output): added, or with skip_gates blended as g x + (1 - g) skip, g =
-    sigmoid(gate) (R7). From block `parallel_start` on (R7's parallel residuals), attention and MLP update two lanes
-    that start from the same stream and are merged at the end by a learned weight. With doc_mask, attention never
-    crosses a BOS (pass cu_seqlens from `segments`). input_ids (B, T) int64 -> logits (B, T, V), or with targets (B, T):
-    mean NLL or per-token NLL (B, T) ("none"), in nats."""
+    """Decoder-only transformer with U-Net skips, tied embeddings and a tanh logit softcap. Blocks run in `layer_order`
+    (depth recurrence's extra passes only while `looping`, on from construction if num_loops > 0). The first half of
+    that order (encoder) pushes its outputs; each later step merges in skip_weights[j] * (mirrored encoder output):
+    added, or with skip_gates blended as g x + (1 - g) skip, g = sigmoid(gate) (R7). From block `parallel_start` on
+    (R7's parallel residuals), attention and MLP update two lanes from one stream, merged at the end by a learned
+    weight. With doc_mask, attention never crosses a BOS (pass cu_seqlens from `segments`). input_ids (B, T) int64 ->
+    logits (B, T, V), or with targets (B, T): mean NLL or per-token NLL (B, T) ("none"), in nats."""
 
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: float, rope_dims: int, rope_base: float, qk_gain_init: float, xsa_last_n: int,
@@ -797,11 +763,9 @@ class GPT(nn.Module):
         self.tok_emb = Embedding(vocab_size, model_dim)
         self.bigram = BigramHash(bigram_buckets, bigram_dim, model_dim, bos_id)
         self.smear = SmearGate(model_dim, bos_id)
-        self.blocks = nn.ModuleList(
-            Block(model_dim, num_heads, num_kv_heads, int(mlp_mult * model_dim), rotary, qk_gain_init,
-                  i >= num_layers - xsa_last_n, attn_gate, i)
-            for i in range(num_layers)
-        )
+        self.blocks = nn.ModuleList(Block(model_dim, num_heads, num_kv_heads, int(mlp_mult * model_dim), rotary,
+                                          qk_gain_init, i >= num_layers - xsa_last_n, attn_gate, i)
+                                    for i in range(num_layers))
         decoder_steps = max(len(order) - len(order) // 2 for order in self.orders.values())
         self.skip_weights = nn.Parameter(torch.ones(decoder_steps, model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(decoder_steps, model_dim)) if skip_gates else None
@@ -876,12 +840,9 @@ def linear_weights(model: nn.Module) -> list[nn.Parameter]:
 
 def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximate orthogonalisation U V^T of g (..., m, n) by a quintic Newton-Schulz iteration in bf16.
-
     Coefficients (3.4445, -4.7750, 2.0315) from Muon (Jordan et al. 2024, modded-nanogpt)."""
-    x = g.bfloat16()
-    transposed = x.size(-2) > x.size(-1)
-    if transposed:
-        x = x.mT
+    transposed = g.size(-2) > g.size(-1)
+    x = (g.mT if transposed else g).bfloat16()
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
         a = x @ x.mT
@@ -890,13 +851,11 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024) with decoupled weight decay.
-
-    For each 2-D parameter: buf = momentum*buf + grad; update = NS5(grad + momentum*buf) (Nesterov),
-    scaled by sqrt(max(1, rows/cols)); p -= lr*wd*p + lr*update. Equal shapes are orthogonalised in one
-    batched call; with several ranks, rank r does every world_size-th parameter of each shape and one
-    all-reduce shares the updates. row_normalize (MuonEq-R, R7/R8) first scales each row of the
-    Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation."""
+    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024) with decoupled weight decay. Per 2-D parameter:
+    buf = momentum*buf + grad; update = NS5(grad + momentum*buf) (Nesterov), scaled by sqrt(max(1, rows/cols));
+    p -= lr*wd*p + lr*update. Equal shapes are orthogonalised in one batched call; with several ranks, rank r does every
+    world_size-th parameter of each shape and one all-reduce shares the updates. row_normalize (MuonEq-R, R7/R8) first
+    scales each row of the Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, rt: Runtime,
                  row_normalize: bool = False):
@@ -961,8 +920,7 @@ class EMA:
     """Exponential moving average of all parameters, kept in fp32: shadow += (1 - decay) * (p - shadow)."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.params = list(model.parameters())
+        self.decay, self.params = decay, list(model.parameters())
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
@@ -997,11 +955,10 @@ def finite_loss(loss: torch.Tensor, step: int, rt: Runtime, weights: list[torch.
 
 def wrap_for_training(model: GPT, rt: Runtime) -> nn.Module:
     """torch.compile (GPU), then DistributedDataParallel when several ranks run."""
-    compiled = maybe_compile(model, rt.device)
     if not rt.distributed:
-        return compiled
+        return maybe_compile(model, rt.device)
     device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(compiled, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(maybe_compile(model, rt.device), device_ids=device_ids, broadcast_buffers=False)
 
 
 def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad_clip_norm: float,
@@ -1026,17 +983,14 @@ def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad
 def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, accum: int, log: Logger,
           budget_seconds: float) -> tuple[int, float, EMA]:
     """Train until `budget_seconds` of wall clock (or ITERATIONS); returns (steps, seconds of the timed loop, EMA).
-
-    Before the clock starts, WARMUP_STEPS full steps on random tokens prime torch.compile; the model
-    and optimizers are then reset to their initial state. The LR warm-down follows the fraction of
-    the budget used; the stop decision is the max over ranks, so every rank stops at the same step.
-    With NUM_LOOPS > 0 the extra passes of depth recurrence start once LOOP_FROM of the budget is
-    used (the same step on every rank; warm-up compiles the graphs with and without them)."""
+    Before the clock starts, WARMUP_STEPS full steps on random tokens prime torch.compile, then the model and optimizers
+    are reset to their initial state. The LR warm-down follows the fraction of the budget used; the stop decision is the
+    max over ranks, so every rank stops at the same step. With NUM_LOOPS > 0 the extra passes of depth recurrence start
+    once LOOP_FROM of the budget is used (on the same step on every rank; warm-up compiles both graphs)."""
     net = wrap_for_training(model, rt)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     warm_opts = build_optimizers(model, args, rt)
-    seqs = loader.seqs_per_rank
-    delayed_loops = args.num_loops > 0 and args.loop_from > 0
+    seqs, delayed_loops = loader.seqs_per_rank, args.num_loops > 0 and args.loop_from > 0
     for step in range(args.warmup_steps):
         model.looping = args.num_loops > 0 and not (delayed_loops and step % 2 == 0)  # compile both graphs
         rand = torch.randint(0, args.vocab_size, (accum, seqs, args.train_seq_len + 1), device=rt.device)
@@ -1099,14 +1053,12 @@ ARTIFACT_MAGIC = b"PGOLF-INT-2\n"
 def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime) -> dict[str, torch.Tensor]:
     """GPTQ Hessians H = E[x x^T] on training batches, of the inputs of every block linear layer and of
     the tied output head (the final RMS-normed hidden state, for tok_emb.weight as the head's weight).
-
     Returns {weight name: (in_features, in_features) fp32}, averaged over tokens and ranks."""
     sums: dict[str, torch.Tensor] = {}
 
     def accumulate(key: str, x: torch.Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
         sums[key] = sums.get(key, 0) + x.T @ x
-
     hooks = [model.final_norm.register_forward_hook(lambda _m, _i, out: accumulate("tok_emb.weight", out))]
     for name, module in model.blocks.named_modules():
         if isinstance(module, nn.Linear):
@@ -1120,34 +1072,29 @@ def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime)
     finally:
         for h in hooks:
             h.remove()
-    tokens = torch.tensor(float(batches * loader.seqs_per_rank * loader.seq_len), device=rt.device)
-    all_reduce(tokens, rt)
+    tokens = all_reduce(torch.tensor(float(batches * loader.seqs_per_rank * loader.seq_len), device=rt.device), rt)
     return {k: all_reduce(v, rt) / tokens for k, v in sums.items()}
 
 
 def choose_row_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
     """Per-row scale (fp16-representable) minimising round-to-nearest MSE over clip quantiles.
-
     w: (..., rows, cols) fp32 -> (..., rows) fp32. The clip search of GPTQ-lite (R2)."""
     best_scale, best_err = None, torch.full(w.shape[:-1], math.inf, device=w.device)
     for q in CLIP_QUANTILES:
         clip = w.abs().amax(-1) if q == 1.0 else torch.quantile(w.abs(), q, dim=-1)
         scale = (clip / qmax).clamp_min(1e-6).half().float()
         err = (w - (w / scale[..., None]).round().clamp(-qmax, qmax) * scale[..., None]).square().sum(-1)
-        better = err < best_err
-        best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
+        best_scale = scale if best_scale is None else torch.where(err < best_err, scale, best_scale)
         best_err = torch.minimum(err, best_err)
     return best_scale
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int, block: int = 128,
                   damp: float = 0.01) -> torch.Tensor:
-    """GPTQ (Frantar et al., ICLR 2023) with act-order, batched over a leading dimension.
-
-    w: (L, rows, cols) fp32 weights, h: (L, cols, cols) input Hessians, scale: (L, rows) fixed per-row
-    scales. Columns are quantized in order of decreasing Hessian diagonal; each column's rounding error
-    is propagated to the not-yet-quantized columns through the inverse Hessian's Cholesky factor.
-    Returns int8 codes (L, rows, cols) in [-qmax, qmax]."""
+    """GPTQ (Frantar et al., ICLR 2023) with act-order, batched over a leading dimension. w: (L, rows, cols) fp32
+    weights, h: (L, cols, cols) input Hessians, scale: (L, rows) fixed per-row scales. Columns are quantized in order of
+    decreasing Hessian diagonal; each column's rounding error is propagated to the not-yet-quantized columns through the
+    inverse Hessian's Cholesky factor. Returns int8 codes (L, rows, cols) in [-qmax, qmax]."""
     w, h = w.clone().float(), h.clone().float()
     L, rows, cols = w.shape
     diag = h.diagonal(dim1=-2, dim2=-1)
@@ -1166,8 +1113,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: i
         except torch.linalg.LinAlgError:
             if attempt == 4:
                 raise
-    s = scale[:, :, None]
-    q_all = torch.zeros_like(w)
+    s, q_all = scale[:, :, None], torch.zeros_like(w)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         wb, hb = w[:, :, i1:i2].clone(), hinv[:, i1:i2, i1:i2]
@@ -1232,10 +1178,8 @@ def quantize_groups(groups: list[MatrixGroup], alpha: float, use_gptq: bool) -> 
     entries = {}
     for g in groups:
         scale = (g.scale * alpha).half().float()
-        if use_gptq and g.h is not None:
-            q = gptq_quantize(g.w, g.h, scale, g.qmax)
-        else:
-            q = quantize_rows(g.w, scale, g.qmax)
+        q = (gptq_quantize(g.w, g.h, scale, g.qmax) if use_gptq and g.h is not None
+             else quantize_rows(g.w, scale, g.qmax))
         for i, n in enumerate(g.names):
             entries[n] = {"kind": INT_KINDS[g.qmax], "q": q[i], "scale": scale[i].half()}
     return entries
@@ -1244,7 +1188,6 @@ def quantize_groups(groups: list[MatrixGroup], alpha: float, use_gptq: bool) -> 
 def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: dict,
                     max_bytes: int) -> tuple[dict[str, dict], float]:
     """Quantize so the compressed artifact stays under max_bytes; returns (entries, alpha).
-
     Every step size is multiplied by the smallest alpha >= 1 whose estimated size fits: bisection on
     round-to-nearest codes, then GPTQ at that alpha, raising alpha until the GPTQ codes fit too. Sizes
     are estimated with zstd level 1, within about 0.3% of level 22 on these codes (hence 0.5% margin)."""
@@ -1252,7 +1195,6 @@ def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: d
 
     def size(entries: dict) -> int:
         return len(zstandard.ZstdCompressor(level=1).compress(serialize_artifact(config, {**small, **entries})))
-
     lo, hi = 1.0, 1.0
     while size(quantize_groups(groups, hi, use_gptq=False)) > target:
         if hi > 1e3:  # every code is already 0
@@ -1273,29 +1215,19 @@ def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: d
 
 def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
     """Inverse of the quantizers (up to rounding): fp32 tensors."""
-    out = {}
-    for name, e in entries.items():
-        if e["kind"] in INT_KINDS.values():
-            out[name] = e["q"].float() * e["scale"].float()[:, None]
-        else:
-            out[name] = e["data"].float()
-    return out
+    return {name: e["q"].float() * e["scale"].float()[:, None] if e["kind"] in INT_KINDS.values() else e["data"].float()
+            for name, e in entries.items()}
 
 
 def serialize_artifact(config: dict, entries: dict[str, dict]) -> bytes:
-    """Uncompressed artifact: magic, raw arrays, JSON header, 8-byte header length.
-
-    Arrays are grouped by kind (int6 codes, int7 codes, their scales, fp16, fp32) so similar bytes sit
-    together for the compressor; the header goes last because text ahead of the codes made zstd-22
-    compress them up to 6% worse. No pickle: the artifact holds only numbers and this header."""
+    """Uncompressed artifact: magic, raw arrays, JSON header, 8-byte header length. Arrays are grouped by kind (int6
+    codes, int7 codes, their scales, fp16, fp32) so similar bytes sit together; the header goes last, as text ahead of
+    the codes made zstd-22 compress them up to 6% worse. No pickle: the artifact holds only numbers and this header."""
     header = {"config": config, "tensors": []}
     parts, offset = [], 0
-    groups = [(k, "q") for k in INT_KINDS.values()] + [(k, "scale") for k in INT_KINDS.values()] + \
-        [("fp16", "data"), ("fp32", "data")]
-    for kind, field in groups:
-        for name, e in entries.items():
-            if e["kind"] != kind:
-                continue
+    order = [(k, f) for f in ("q", "scale") for k in INT_KINDS.values()] + [("fp16", "data"), ("fp32", "data")]
+    for kind, field in order:
+        for name, e in ((name, e) for name, e in entries.items() if e["kind"] == kind):
             arr = e[field].detach().cpu().contiguous().numpy()
             header["tensors"].append({"name": name, "kind": kind, "field": field, "dtype": str(arr.dtype),
                                       "shape": list(arr.shape), "offset": offset})
@@ -1324,8 +1256,7 @@ def unpack_artifact(blob: bytes, source: str = "blob") -> tuple[dict, dict[str, 
     payload = memoryview(raw)[len(ARTIFACT_MAGIC) : -8 - head_len]
     entries: dict[str, dict] = {}
     for t in header["tensors"]:
-        count = int(np.prod(t["shape"]))
-        arr = np.frombuffer(payload, dtype=np.dtype(t["dtype"]), count=count, offset=t["offset"])
+        arr = np.frombuffer(payload, dtype=np.dtype(t["dtype"]), count=int(np.prod(t["shape"])), offset=t["offset"])
         entries.setdefault(t["name"], {"kind": t["kind"]})[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]).copy())
     return header["config"], entries
 
@@ -1344,7 +1275,6 @@ def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows covering targets 0..n_targets-1 exactly once, each with at least seq_len-stride context.
-
     Window i reads inputs tokens[start_i : start_i + seq_len] and scores its positions >= from_i, i.e. targets start_i +
     from_i .. start_i + seq_len - 1 (target j is token j+1). The first window scores all of its positions; each later
     one scores the `stride` targets after the previous. Returns (starts, score_from), int64 tensors of equal length.
@@ -1365,10 +1295,13 @@ class ScoreBoard:
         self.nll = torch.zeros(n_targets, device=device)
         self.count = torch.zeros(n_targets, device=device, dtype=torch.int32)
 
-    def add(self, targets: torch.Tensor, nll: torch.Tensor) -> None:
-        """Record the NLL of the given target indices (int64 (k,), nll (k,))."""
-        self.nll.index_put_((targets,), nll.float(), accumulate=True)
-        self.count.index_put_((targets,), torch.ones_like(targets, dtype=torch.int32), accumulate=True)
+    def add(self, targets: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Record the NLL of the given target indices (int64 (k,), nll (k,)); with a bool mask (k,) only where it is
+        set (without the host sync of indexing by it)."""
+        nll, ones = (nll.float(), torch.ones_like(targets, dtype=torch.int32)) if mask is None else \
+            (torch.where(mask, nll.float(), 0.0), mask.int())
+        self.nll.index_put_((targets,), nll, accumulate=True)
+        self.count.index_put_((targets,), ones, accumulate=True)
 
     def finalize(self, bytes_per_target: torch.Tensor, rt: Runtime) -> tuple[float, float]:
         """All-reduce, check every target was scored exactly once, return (mean NLL, bpb)."""
@@ -1384,8 +1317,6 @@ class ScoreBoard:
 def score_windows(model_fn, tokens: torch.Tensor, starts: torch.Tensor, score_from: torch.Tensor,
                   batch: int, seq_len: int, board: ScoreBoard, device: torch.device) -> None:
     """Score the given windows in batches of `batch` (the last padded by repetition), writing into board."""
-    if len(starts) == 0:
-        return
     offsets = torch.arange(seq_len + 1, device=device)
     for i in range(0, len(starts), batch):
         s, f = starts[i : i + batch].to(device), score_from[i : i + batch].to(device)
@@ -1409,116 +1340,185 @@ def evaluate(model_fn, tokens: torch.Tensor, bytes_per_target: torch.Tensor, str
     """Score all targets with windows of TRAIN_SEQ_LEN at `stride`, split across ranks -> (loss, bpb, board)."""
     n = tokens.numel() - 1
     starts, score_from = sliding_windows(n, args.train_seq_len, stride)
-    mine = rank_slice(len(starts), rt)
-    board = ScoreBoard(n, rt.device)
+    mine, board = rank_slice(len(starts), rt), ScoreBoard(n, rt.device)
     score_windows(model_fn, tokens, starts[mine], score_from[mine], args.eval_batch_seqs, args.train_seq_len,
                   board, rt.device)
-    loss, bpb = board.finalize(bytes_per_target, rt)
-    return loss, bpb, board
-
-
-def evaluate_ttt(model: GPT, model_fn, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters,
-                 rt: Runtime, log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
-    """Legal score-first test-time training (R3 / PR #549 recipe), in stream order.
-
-    Targets are cut into chunks of TTT_CHUNK_TOKENS; a sliding window belongs to the chunk of its first scored target.
-    For chunk c: score its windows under inference_mode, then (unless c is the last) train all weights on chunk c's
-    tokens: TTT_EPOCHS passes of SGD+momentum over its sequences, LR cosine-decayed over chunks, gradients all-reduced
-    and clipped. So every target is scored before any update that saw it. If the projected time passes `deadline`
-    (perf_counter s), the remaining chunks are only scored, and the log says so."""
-    n, seq_len, chunk = tokens.numel() - 1, args.train_seq_len, args.ttt_chunk_tokens
-    starts, score_from = sliding_windows(n, seq_len, args.eval_stride)
-    chunk_of = (starts + score_from) // chunk
-    num_chunks = (n + chunk - 1) // chunk
-    seqs_per_step = min(args.ttt_batch_seqs, chunk // seq_len)
-    rank_seqs = math.ceil(seqs_per_step / rt.world_size)
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    board = ScoreBoard(n, rt.device)
-    score_time = train_time = 0.0
-    training, trained_chunks = True, 0
-    window_bounds = torch.searchsorted(chunk_of, torch.arange(num_chunks + 1))
-    for c in range(num_chunks):
-        t0 = time.perf_counter()
-        lo, hi = int(window_bounds[c]), int(window_bounds[c + 1])
-        mine = rank_slice(hi - lo, rt)
-        score_windows(model_fn, tokens, starts[lo:hi][mine], score_from[lo:hi][mine], args.eval_batch_seqs,
-                      seq_len, board, rt.device)
-        synchronize(rt.device)
-        score_time += time.perf_counter() - t0
-        if c == num_chunks - 1:
-            break
-        if training:
-            projected = time.perf_counter() + train_time / max(trained_chunks, 1) + \
-                score_time / (c + 1) * (num_chunks - c - 1)
-            decision = torch.tensor(float(trained_chunks > 0 and projected > deadline), device=rt.device)
-            if all_reduce(decision, rt, dist.ReduceOp.MAX).item() > 0:
-                training = False
-                log(f"ttt_deadline: stopping adaptation after {trained_chunks} chunks; remaining "
-                    f"{num_chunks - c - 1} chunks are scored without training (EVAL_MAX_SECONDS={args.eval_max_seconds})")
-        if not training:
-            continue
-        t1 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = args.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(1, num_chunks - 1)))
-        seq_starts = torch.arange(c * chunk, min((c + 1) * chunk, n) - seq_len + 1, seq_len)
-        for _ in range(args.ttt_epochs):
-            for b in range(0, len(seq_starts), seqs_per_step):
-                ttt_step(model, model_fn, opt, params, tokens, seq_starts[b : b + seqs_per_step], rank_seqs, args, rt)
-        synchronize(rt.device)
-        train_time += time.perf_counter() - t1
-        trained_chunks += 1
-    loss, bpb = board.finalize(bytes_per_target, rt)
-    log(f"ttt chunks {num_chunks} trained {trained_chunks} score_time {score_time:.1f}s train_time {train_time:.1f}s")
-    return loss, bpb, board
-
-
-def ttt_step(model: GPT, model_fn, opt, params, tokens: torch.Tensor, seq_starts: torch.Tensor, rank_seqs: int,
-             args: Hyperparameters, rt: Runtime) -> None:
-    """One SGD step on the sequences starting at seq_starts (already scored), split across ranks.
-
-    Each rank runs a fixed (rank_seqs, seq_len) batch (padded with zero-weight rows) so the compiled
-    graph never changes shape; the loss is the mean over the real tokens of the whole global batch."""
-    seq_len, device = args.train_seq_len, rt.device
-    mine = seq_starts[rt.rank :: rt.world_size].to(device)
-    real = len(mine)
-    weight = torch.zeros(rank_seqs, 1, device=device)
-    weight[:real] = 1.0 / (len(seq_starts) * seq_len)
-    if real < rank_seqs:
-        mine = torch.cat((mine, torch.zeros(rank_seqs - real, dtype=mine.dtype, device=device)))
-    window = tokens[mine[:, None] + torch.arange(seq_len + 1, device=device)]
-    with autocast(device):
-        nll = model_fn(window[:, :-1], window[:, 1:], "none", model.segments(window[:, :-1]))
-    (nll.float() * weight).sum().backward()
-    if rt.distributed:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
-        all_reduce(flat, rt)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
-    torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    return *board.finalize(bytes_per_target, rt), board
 
 
 def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime) -> None:
-    """Compile the scoring and TTT graphs on random tokens (never validation tokens); weights unchanged. The inputs are
-    views of (rows, seq_len + 1) windows, as in score_windows and ttt_step: torch.compile guards on strides, and
-    contiguous inputs compiled graphs that the real passes could not use (measured: 2 extra compilations, ~170 s).
+    """Compile the scoring graph on random tokens (never validation tokens); weights unchanged. The inputs are views of
+    (rows, seq_len + 1) windows, as in score_windows: torch.compile guards on strides, and contiguous inputs compiled
+    graphs that the real passes could not use (measured: 2 extra compilations, ~170 s). TTT compiles its own graph.
     An eager model_fn (the model itself, as maybe_compile gives on CPU) has nothing to compile: no-op."""
     if model_fn is model:  # eager (CPU): nothing to compile
         return
-    seq_len, vocab = args.train_seq_len, args.vocab_size
     with torch.inference_mode(), autocast(rt.device):
-        x = torch.randint(0, vocab, (args.eval_batch_seqs, seq_len + 1), device=rt.device)
+        x = torch.randint(0, args.vocab_size, (args.eval_batch_seqs, args.train_seq_len + 1), device=rt.device)
         model_fn(x[:, :-1], x[:, 1:], "none", model.segments(x[:, :-1]))
-    if args.ttt_enabled:
-        rank_seqs = math.ceil(min(args.ttt_batch_seqs, args.ttt_chunk_tokens // seq_len) / rt.world_size)
-        x = torch.randint(0, vocab, (rank_seqs, seq_len + 1), device=rt.device)
-        with autocast(rt.device):
-            model_fn(x[:, :-1], x[:, 1:], "none", model.segments(x[:, :-1])).float().sum().backward()
-        model.zero_grad(set_to_none=True)
     synchronize(rt.device)
+
+
+# Score-first per-document LoRA TTT (R6 PR #1667 / R7 PR #1530): each document gets fresh adapters, read in chunks.
+LORA_BETA2, LORA_CHECK_EVERY, LORA_SCORE_COST = 0.999, 32, 0.5  # Adam beta2; steps between deadline checks (each
+# synchronizes the device); assumed cost of a step that only scores (a forward) relative to one that also adapts
+
+
+def document_spans(tokens: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, lengths), int64 on CPU, of the stream's documents in order: one starts at 0 and at every BOS and owns
+    the targets whose input token it holds, so the spans partition targets 0..n-1 (tokens (n+1,), target j =
+    tokens[j+1]); a stream that does not begin with BOS starts with a partial document, scored like the others."""
+    n = tokens.numel() - 1
+    starts = torch.cat((torch.zeros(1, dtype=torch.int64), (tokens[1:n].cpu() == bos_id).nonzero().flatten() + 1))
+    return starts, torch.diff(starts, append=torch.tensor([n]))
+
+
+def lora_schedule(starts: torch.Tensor, lengths: torch.Tensor, rows: int, chunk: int, seq_len: int) -> torch.Tensor:
+    """Which chunk of which document each of `rows` batch rows processes at each step. Documents start in stream order,
+    never reordered (R6 sorts them by length): the first `rows` start together, then each takes the row that frees first
+    (lowest index on ties), so no row waits for the longest document of a group. Chunk k of a document of n targets
+    scores targets k*chunk .. min((k+1)*chunk, n)-1 of it, reading the document's latest <= seq_len tokens up to its
+    end. Returns plan (steps, rows, 5) int64: the window's first input position, its length (0: idle row), its first
+    scored offset, 1 if the step trains on the chunk (all but a document's last), 1 if the row starts a document."""
+    chunks, free, first, row = (lengths + chunk - 1) // chunk, [(0, r) for r in range(rows)], [], []
+    for c in chunks.tolist():
+        t, r = heapq.heappop(free)
+        first.append(t)
+        row.append(r)
+        heapq.heappush(free, (t + c, r))
+    doc = torch.repeat_interleave(torch.arange(len(chunks)), chunks)
+    k = torch.arange(len(doc)) - torch.repeat_interleave(chunks.cumsum(0) - chunks, chunks)
+    hi = torch.minimum((k + 1) * chunk, lengths[doc])
+    lo, step = (hi - seq_len).clamp_min(0), torch.tensor(first, dtype=torch.int64)[doc] + k
+    plan = torch.zeros(int(step.max()) + 1 if len(doc) else 0, rows, 5, dtype=torch.int64)
+    plan[step, torch.tensor(row, dtype=torch.int64)[doc]] = torch.stack(
+        (starts[doc] + lo, hi - lo, k * chunk - lo, (k < chunks[doc] - 1).long(), (k == 0).long()), 1)
+    return plan
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus one adapter per batch row (LoRA, Hu et al. 2021): x (G, T, in) -> base(x) + (x @ a_g)
+    @ b_g with a (G, in, r), b (G, r, out); `lora_step`'s learning rate absorbs LoRA's alpha / r."""
+
+    def __init__(self, base: nn.Linear, a: nn.Parameter, b: nn.Parameter):
+        super().__init__()
+        self.base, self.a, self.b = base, a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.a) @ self.b
+
+
+class DocumentLoRA:
+    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) of a frozen model, one per
+    batch row, installed as LoRALinear wrappers until `remove`. All layers' A then B of row g are views of row g of one
+    (G, P) tensor, as are Adam's second moments, so resetting or updating rows is one masked op over all layers. A
+    fresh adapter is `init`: A uniform in +-1/sqrt(in) from a fixed seed (the same for every document), B zero."""
+
+    def __init__(self, model: GPT, rows: int, rank: int, device: torch.device):
+        self.model, self.layers = model, [(m, name, lin) for block in model.blocks for m in (block.attn, block.mlp)
+                                          for name, lin in m.named_children() if isinstance(lin, nn.Linear)]
+        model.requires_grad_(False)
+        sizes = [(lin.in_features * rank, rank * lin.out_features) for _, _, lin in self.layers]
+        self.weights = torch.zeros(rows, sum(map(sum, sizes)), device=device)
+        self.v, self.steps = torch.zeros_like(self.weights), torch.zeros(rows, 1, device=device)
+        self.params, init, offset = [], [], 0
+        gen = torch.Generator().manual_seed(0)
+        for (m, name, lin), (size_a, size_b) in zip(self.layers, sizes):
+            a = nn.Parameter(self.weights[:, offset : offset + size_a].view(rows, lin.in_features, rank))
+            b = nn.Parameter(self.weights[:, offset + size_a : offset + size_a + size_b].view(rows, rank, -1))
+            setattr(m, name, LoRALinear(lin, a, b))
+            init += [(torch.rand(size_a, generator=gen) * 2 - 1) * lin.in_features**-0.5, torch.zeros(size_b)]
+            self.params, offset = self.params + [a, b], offset + size_a + size_b
+        self.init = torch.cat(init).to(device)
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Fresh adapters and Adam state for the rows where `rows` (G,) bool is set."""
+        self.weights.copy_(torch.where(rows[:, None], self.init, self.weights))
+        self.v.masked_fill_(rows[:, None], 0.0)
+        self.steps.masked_fill_(rows[:, None], 0.0)
+
+    def update(self, grads: list[torch.Tensor], train: torch.Tensor, lr: float) -> None:
+        """One Adam step (beta1 0, bias-corrected beta2) per row, rows counted by train (G,) 0/1."""
+        g = torch.cat([x.flatten(1) for x in grads], 1)
+        self.steps += train[:, None]
+        self.v.mul_(LORA_BETA2).addcmul_(g, g, value=1 - LORA_BETA2)
+        v_hat = self.v / (1 - LORA_BETA2**self.steps).clamp_min(1 - LORA_BETA2)
+        self.weights.sub_(lr * g / (v_hat.sqrt() + 1e-8))
+
+    def remove(self) -> None:
+        for m, name, lin in self.layers:
+            setattr(m, name, lin)
+        self.model.requires_grad_(True)
+
+
+def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Tensor, width: int, board: ScoreBoard,
+              adapting: bool, lr: float) -> None:
+    """One step of every row (plan (G, 5) as in lora_schedule): reset the rows that start a document, score each row's
+    chunk into board, then, if adapting, one Adam step per row on the mean loss of its chunk unless that is its
+    document's last. The scores come from this step's forward, before the update that uses them. Each window sits at
+    the start of a (G, width) row padded with token 0 (causal attention: padding never reaches it); no host sync."""
+    start, length, score_from, train, reset = plan.unbind(1)
+    i = torch.arange(width, device=tokens.device)
+    real = i < length[:, None]
+    pos = torch.where(real, start[:, None] + i, 0)
+    x, y = torch.where(real, tokens[pos], 0), torch.where(real, tokens[pos + 1], 0)
+    scored = real & (i >= score_from[:, None])
+    lora.reset(reset.bool())
+    with autocast(tokens.device):
+        nll = model_fn(x, y, "none").float()
+    board.add(pos.flatten(), nll.detach().flatten(), scored.flatten())
+    if adapting:
+        weight = (scored & train.bool()[:, None]) / scored.sum(1, keepdim=True).clamp_min(1)
+        lora.update(torch.autograd.grad((nll * weight).sum(), lora.params), train, lr)
+
+
+def rank_lora_plan(tokens: torch.Tensor, bos_id: int, args: Hyperparameters,
+                   rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's TTT work: its consecutive documents of the stream (balanced across ranks by chunk count), as a
+    bool mask over document_spans' documents, and their lora_schedule plan (steps, TTT_LORA_DOCS, 5) on CPU."""
+    starts, lengths = document_spans(tokens, bos_id)
+    chunks = (lengths + args.ttt_lora_chunk - 1) // args.ttt_lora_chunk
+    mine = (chunks.cumsum(0) - chunks) * rt.world_size // chunks.sum() == rt.rank
+    return mine, lora_schedule(starts[mine], lengths[mine], args.ttt_lora_docs, args.ttt_lora_chunk, args.train_seq_len)
+
+
+def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters, rt: Runtime,
+                 log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
+    """Score-first per-document LoRA TTT (R6 PR #1667 / R7 PR #1530): every target is scored once, before any update
+    that used it, and no document's score depends on another (fresh adapters per document; each row holds one).
+    Each rank takes consecutive documents (balanced by chunk count) and runs them TTT_LORA_DOCS at a time
+    (lora_schedule); the graph is compiled first on random tokens, never validation tokens. If the projected time
+    passes `deadline` (perf_counter s), adapting stops and the remaining steps only score (logged). No collective
+    runs between steps, so ranks never wait for each other until the final all-reduce."""
+    n, device, rows, width = tokens.numel() - 1, rt.device, args.ttt_lora_docs, args.train_seq_len
+    mine, plan = rank_lora_plan(tokens, model.bos_id, args, rt)
+    plan = plan.to(device)
+    board, lora, steps = ScoreBoard(n, device), DocumentLoRA(model, rows, args.ttt_lora_rank, device), len(plan)
+    try:
+        model_fn, adapting, adapted = maybe_compile(model, device), True, 0
+        noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)  # compile warm-up
+        fake = torch.tensor([[r * width, width, 0, 1, 1] for r in range(rows)], device=device)
+        lora_step(model_fn, lora, noise, fake, width, ScoreBoard(rows * width, device), True, args.ttt_lora_lr)
+        lora.reset(torch.ones(rows, dtype=torch.bool, device=device))
+        synchronize(device)
+        t0 = time.perf_counter()
+        for t in range(steps):
+            if adapting and t and t % LORA_CHECK_EVERY == 0:
+                synchronize(device)
+                now = time.perf_counter()
+                if now + (now - t0) / t * (LORA_CHECK_EVERY + LORA_SCORE_COST * (steps - t)) > deadline:
+                    adapting = False
+                    log(f"ttt_deadline: stopping adaptation after {t} of {steps} steps; the rest are scored "
+                        f"without training (EVAL_MAX_SECONDS={args.eval_max_seconds})")
+            lora_step(model_fn, lora, tokens, plan[t], width, board, adapting, args.ttt_lora_lr)
+            adapted += adapting
+        synchronize(device)
+    finally:
+        lora.remove()
+    loss, bpb = board.finalize(bytes_per_target, rt)
+    log(f"ttt documents {int(mine.sum())} of {len(mine)} steps {steps} adapted {adapted} rows {rows} "
+        f"time {time.perf_counter() - t0:.1f}s")
+    return loss, bpb, board
 
 
 # ---- 9. Main ---------------------------------------------------------------------------------
@@ -1659,8 +1659,7 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     log(f"final roundtrip val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")
     summary.update(roundtrip_val_bpb=round(bpb, 6))
     if args.ttt_enabled:  # TTT scores the sliding windows itself (a plain sliding score: EVAL_ONLY=1 TTT_ENABLED=0)
-        final, (loss, bpb, board) = "ttt", evaluate_ttt(model, model_fn, val_tokens, bytes_per_target, args, rt, log,
-                                                        deadline)
+        final, (loss, bpb, board) = "ttt", evaluate_ttt(model, val_tokens, bytes_per_target, args, rt, log, deadline)
     else:
         final, (loss, bpb, board) = "sliding", evaluate(model_fn, val_tokens, bytes_per_target, args.eval_stride, args, rt)
     log(f"final {final} val_loss {loss:.6f} val_bpb {bpb:.6f} stride {args.eval_stride} "

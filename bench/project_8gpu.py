@@ -4,26 +4,35 @@
     python3 bench/project_8gpu.py [--artifact final_model.int6.ptz] [--comm-json comm.json] [--json out.json]
     torchrun --standalone --nproc_per_node=2 bench/project_8gpu.py --comm --out comm.json   # NCCL, 2 GPUs
 
-This GPU plays rank 0 of an 8-rank run (`--world-size`), running train_gpt.py's own functions with a fake
-Runtime(rank=0, world_size=8): every per-rank shape is the 8-GPU one (one micro-batch of 98,304 tokens,
-Muon's share of the Newton-Schulz work, 1/8 of the evaluation windows, TTT steps of 2 sequences), nothing
+This GPU plays one rank of an 8-rank run (`--world-size`), running train_gpt.py's own functions with a fake
+Runtime(rank, world_size=8): rank 0 for training (every rank does the same work), and for evaluation the rank
+with the most work (busiest_rank: ranks wait for each other only at the final all-reduce, and with TTT the
+ranks' step counts differ). Every per-rank shape is the 8-GPU one (one micro-batch of 98,304 tokens,
+Muon's share of the Newton-Schulz work, 1/8 of the evaluation windows, 1/8 of the documents for TTT), nothing
 is scaled linearly from one-GPU times.
 
 The evaluation is run()'s: the pre-quant pass (the float model) and the round-trip pass (the reloaded
-artifact), both at stride TRAIN_SEQ_LEN, then the final pass: TTT (evaluate_ttt, which scores the sliding
-windows at EVAL_STRIDE itself, chunk by chunk, training between chunks) or, with TTT_ENABLED=0 only, the
-plain sliding pass (evaluate at EVAL_STRIDE).
+artifact), both at stride TRAIN_SEQ_LEN, then the final pass: TTT (evaluate_ttt: per-document LoRA TTT, each
+rank on its consecutive documents, one lora_step of TTT_LORA_DOCS x TRAIN_SEQ_LEN tokens a step, scoring every
+target itself) or, with TTT_ENABLED=0 only, the plain sliding pass (evaluate at EVAL_STRIDE).
 
 Measured here: the training step of both graphs (train_gpt.train itself, with DDP removed), GPTQ,
-zstd-22 compression of the artifact, loading it, compilation and warm-up of the evaluation graphs, the
-time of one score batch in each pass and, with TTT, of one TTT step (train_gpt.evaluate_ttt itself on the
-stream's first chunks). Counted exactly: how many score batches (and TTT steps) rank 0 runs for the whole
-62,021,632-token stream. Modelled: every all-reduce. `train_gpt.all_reduce` is replaced by a stand-in
-that communicates nothing and records the bytes; a ring model turns bytes into seconds, which are ADDED
-to the measured times (no overlap with compute assumed); DDP's gradient all-reduce is modelled from the
-bytes DDP would reduce. The evaluation timeline, TTT's deadline rule included, is then replayed by running
-train_gpt's evaluate / evaluate_ttt on a virtual clock that the measured unit times advance.
-`--full` also runs rank 0's whole share of every pass, as a check of the sampled projection.
+zstd-22 compression of the artifact, loading it, compilation and warm-up of the scoring graph, the time of one
+score batch in each plain pass and, with TTT, from train_gpt.evaluate_ttt itself run on the stand-in stream as
+that rank and stopped after its first 2 + --sample-steps steps (StepStamps): its set-up (documents, schedule,
+adapters), the compile + warm-up of its LoRA graph, and the time of one step adapting and of one step only
+scoring (the same sampled steps run again with adapting=False: what steps cost once the deadline stops
+adaptation). Counted exactly, on the stand-in stream of 62,021,632 targets (DATA_PATH's validation tokens
+tiled; their documents set TTT's work): how many score batches each rank runs in each plain pass and, with TTT,
+its documents and lora_schedule's steps. Modelled: every all-reduce. `train_gpt.all_reduce` is replaced by a
+stand-in that communicates nothing and records the bytes; a ring model turns bytes into seconds, which are
+ADDED to the measured times (no overlap with compute assumed); DDP's gradient all-reduce is modelled from the
+bytes DDP would reduce. TTT's adapters are per rank, so it makes no all-reduce per step: only its score
+board's, as every pass. The evaluation timeline, TTT's deadline rule included, is then replayed by running
+train_gpt's evaluate / evaluate_ttt on a virtual clock that the measured unit times advance (lora_step is a
+stand-in that costs a step adapting or scoring only, as evaluate_ttt asks).
+`--full` also runs that rank's whole share of every pass (TTT's whole plan too, its deadline set from the
+projected time before it), as a check of the sampled projection.
 
 The compiler cache starts empty (a fresh contest machine) unless --keep-inductor-cache.
 """
@@ -39,12 +48,12 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import types
 
 import torch
 import torch.distributed as dist
@@ -137,7 +146,7 @@ def patched(target, **attrs):
 
 def partial_finalize(self, bytes_per_target, rt):
     """ScoreBoard.finalize for a fake rank: the same two all-reduces, but no exactly-once check (it fails by
-    design: only rank 0's share of the targets is scored here) and no score (NaN)."""
+    design: only this rank's share of the targets is scored here) and no score (NaN)."""
     tg.all_reduce(self.nll, rt)
     tg.all_reduce(self.count, rt)
     return math.nan, math.nan
@@ -187,8 +196,8 @@ def ring_model(a) -> RingModel:
 
 def passes(args: tg.Hyperparameters) -> tuple[str, ...]:
     """run()'s evaluation passes, in its order: pre-quant and round-trip (evaluate, stride TRAIN_SEQ_LEN), then
-    the final one: "ttt" (evaluate_ttt, which scores the sliding windows itself) or, only with TTT_ENABLED=0,
-    "sliding" (evaluate, stride EVAL_STRIDE)."""
+    the final one: "ttt" (evaluate_ttt: per-document LoRA TTT, which scores every target itself) or, only with
+    TTT_ENABLED=0, "sliding" (evaluate, stride EVAL_STRIDE)."""
     return ("prequant", "roundtrip", "ttt" if args.ttt_enabled else "sliding")
 
 
@@ -202,21 +211,20 @@ def pass_stride(args: tg.Hyperparameters, name: str) -> int:
     return args.eval_stride if name == "sliding" else args.train_seq_len
 
 
-# work_counts' key of each pass's score batches (the pre-quant pass scores the round-trip pass's windows)
-BATCH_KEYS = {"prequant": "roundtrip_batches", "roundtrip": "roundtrip_batches", "sliding": "sliding_batches",
-              "ttt": "ttt_score_batches"}
+# work_counts' key of each plain pass's score batches (the pre-quant pass scores the round-trip pass's windows)
+BATCH_KEYS = {"prequant": "roundtrip_batches", "roundtrip": "roundtrip_batches", "sliding": "sliding_batches"}
 
 
-def work_counts(args: tg.Hyperparameters, n: int, world: int, rank: int = 0) -> dict:
-    """What rank `rank` of `world` runs when evaluating n targets, from train_gpt's own index functions
-    (sliding_windows, rank_slice) and evaluate_ttt's chunk rule: windows and score batches of EVAL_BATCH_SEQS
-    windows of the round-trip pass (stride TRAIN_SEQ_LEN, the pre-quant pass's too); then of the final pass:
-    with TTT (ttt_counts) its score batches and training steps, chunk by chunk; with TTT_ENABLED=0 the windows
-    and score batches of the sliding pass (EVAL_STRIDE)."""
-    rt = tg.Runtime(rank, world, 0, torch.device("cpu"))
+def work_counts(args: tg.Hyperparameters, tokens: torch.Tensor, world: int, rank: int = 0) -> dict:
+    """What rank `rank` of `world` runs when evaluating the stream `tokens` ((n+1,) on CPU, n targets), from
+    train_gpt's own functions: windows and score batches of EVAL_BATCH_SEQS windows of the round-trip pass
+    (sliding_windows and rank_slice at stride TRAIN_SEQ_LEN; the pre-quant pass's too); then of the final pass:
+    with TTT its documents and lora_schedule's steps (ttt_counts); with TTT_ENABLED=0 the windows and score batches
+    of the sliding pass (EVAL_STRIDE)."""
+    n, rt = tokens.numel() - 1, tg.Runtime(rank, world, 0, torch.device("cpu"))
     out = {"n_targets": n, "world_size": world, "rank": rank}
     out.update(window_counts(args, n, "roundtrip", rt))
-    out.update(ttt_counts(args, n, rt) if args.ttt_enabled else window_counts(args, n, "sliding", rt))
+    out.update(ttt_counts(args, tokens, rt) if args.ttt_enabled else window_counts(args, n, "sliding", rt))
     return out
 
 
@@ -232,21 +240,17 @@ def window_counts(args: tg.Hyperparameters, n: int, name: str, rt: tg.Runtime) -
             f"{name}_batches": my_batches(args, windows, rt)}
 
 
-def ttt_counts(args: tg.Hyperparameters, n: int, rt: tg.Runtime) -> dict:
-    """evaluate_ttt's work on rank rt.rank: per chunk its score batches and its training steps (TTT_EPOCHS x
-    ceil(chunk sequences / seqs_per_step); none for the last chunk), each step on rank_seqs sequences."""
-    seq_len, chunk = args.train_seq_len, args.ttt_chunk_tokens
-    starts, score_from = tg.sliding_windows(n, seq_len, args.eval_stride)
-    chunk_of = (starts + score_from) // chunk
-    num_chunks = -(-n // chunk)
-    bounds = torch.searchsorted(chunk_of, torch.arange(num_chunks + 1)).tolist()
-    seqs_per_step = min(args.ttt_batch_seqs, chunk // seq_len)
-    chunk_batches = [my_batches(args, hi - lo, rt) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    chunk_steps = [args.ttt_epochs * -(-len(range(c * chunk, min((c + 1) * chunk, n) - seq_len + 1, seq_len))
-                                       // seqs_per_step) for c in range(num_chunks - 1)] + [0]
-    return dict(ttt_chunks=num_chunks, ttt_chunk_batches=chunk_batches, ttt_chunk_steps=chunk_steps,
-                ttt_score_batches=sum(chunk_batches), ttt_steps=sum(chunk_steps), ttt_seqs_per_step=seqs_per_step,
-                ttt_rank_seqs=math.ceil(seqs_per_step / rt.world_size))
+def ttt_counts(args: tg.Hyperparameters, tokens: torch.Tensor, rt: tg.Runtime) -> dict:
+    """TTT's work on rank rt.rank (train_gpt.rank_lora_plan, as evaluate_ttt uses it): its documents (of all the
+    stream's), its steps, the steps in which some row trains (the others only score: every row is on its document's
+    last chunk or idle), the targets it scores, and its row-tokens: read (window tokens of real rows) and computed
+    (steps x rows x TRAIN_SEQ_LEN, padding included)."""
+    mine, plan = tg.rank_lora_plan(tokens, BOS_ID, args, rt)
+    return dict(ttt_documents=int(mine.sum()), ttt_all_documents=len(mine), ttt_steps=len(plan),
+                ttt_training_steps=int(plan[:, :, 3].any(1).sum()),
+                ttt_targets=int((plan[:, :, 1] - plan[:, :, 2]).sum()),
+                ttt_row_tokens_read=int(plan[:, :, 1].sum()),
+                ttt_row_tokens=len(plan) * args.ttt_lora_docs * args.train_seq_len)
 
 
 class VirtualClock:
@@ -275,23 +279,42 @@ class VirtualBoard:
         return math.nan, math.nan
 
 
-def virtual_eval(args: tg.Hyperparameters, n: int, world: int, ring: RingModel, unit: dict, before: dict,
-                 overhead: float, ttt_grad_bytes: int, deadline: float) -> dict:
-    """Replay rank 0's evaluation (passes(args)) on a virtual clock, running train_gpt's own evaluate (pre-quant
-    and round-trip: stride TRAIN_SEQ_LEN; sliding, without TTT: EVAL_STRIDE) and evaluate_ttt with its deadline
-    rule.
+class VirtualLoRA:
+    """Stands in for DocumentLoRA in virtual runs: no adapters, no memory; reset and remove do nothing."""
 
-    Stand-ins advance the clock: score_windows by its batches x unit[pass] (s per batch; TTT's: "ttt_score"),
-    ttt_step by unit["ttt_step"] plus its gradient all-reduce (ttt_grad_bytes, ring model), every all_reduce by
-    the ring model. before[pass] seconds (compression, compilation, loading) run ahead of a pass, `overhead`
-    seconds (window set-up, finalize) after each. The clock starts at 0 when evaluation starts, so
-    `deadline` is EVAL_MAX_SECONDS (or inf: what TTT needs without it). Returns per pass its seconds,
-    score batches and all-reduce seconds; for TTT also its steps, log lines, chunks trained and whether it
-    was cut."""
+    def __init__(self, model, rows: int, rank: int, device):
+        pass
+
+    def reset(self, rows) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+
+def virtual_model(args: tg.Hyperparameters):
+    """What evaluate_ttt reads of the model in virtual runs (lora_step and DocumentLoRA being stand-ins): its BOS id
+    and its vocabulary size (the warm-up's random tokens)."""
+    return types.SimpleNamespace(bos_id=BOS_ID, tok_emb=types.SimpleNamespace(num_embeddings=args.vocab_size))
+
+
+def virtual_eval(args: tg.Hyperparameters, tokens: torch.Tensor, world: int, ring: RingModel, unit: dict,
+                 before: dict, overhead: float, deadline: float, rank: int = 0) -> dict:
+    """Replay rank `rank`'s evaluation of the stream `tokens` ((n+1,) on CPU; passes(args)) on a virtual clock, running
+    train_gpt's own evaluate (pre-quant and round-trip: stride TRAIN_SEQ_LEN; sliding, without TTT: EVAL_STRIDE)
+    and evaluate_ttt with its deadline rule.
+
+    Stand-ins advance the clock: score_windows by its batches x unit[pass] (s per batch); lora_step by
+    unit["ttt_warmup"] for evaluate_ttt's compile warm-up step (the one not on the stream), then by
+    unit["ttt_adapting"] or unit["ttt_scoring"] (s per step) as evaluate_ttt asks it to adapt or only score; every
+    all_reduce by the ring model (TTT makes none per step: only its finalize). before[pass] seconds (compression,
+    compilation, loading; TTT's set-up) run ahead of a pass, `overhead` seconds (window set-up, finalize) after
+    each. The clock starts at 0 when evaluation starts, so `deadline` is EVAL_MAX_SECONDS (or inf: what TTT needs
+    without it). Returns per pass its seconds, score batches and all-reduce seconds; for TTT its steps, the steps
+    run adapting, whether the deadline cut adaptation, and evaluate_ttt's log lines."""
     clock = VirtualClock()
     ledger = Ledger(ring, clock)
-    rt = tg.Runtime(0, world, 0, torch.device("cpu"))
-    tokens = torch.empty(n + 1, dtype=torch.uint8, device="meta")  # evaluate* read only its length
+    rt = tg.Runtime(rank, world, 0, torch.device("cpu"))
     now = {"pass": ""}
     counts = collections.Counter()
 
@@ -300,34 +323,33 @@ def virtual_eval(args: tg.Hyperparameters, n: int, world: int, ring: RingModel, 
         counts[now["pass"] + "_batches"] += batches
         clock.now += batches * unit[now["pass"]]
 
-    def ttt_step(model, model_fn, opt, params, tokens, seq_starts, rank_seqs, args, rt):
+    def lora_step(model_fn, lora, step_tokens, plan, width, board, adapting, lr):
+        if step_tokens is not tokens:  # the compile warm-up, on random tokens
+            clock.now += unit["ttt_warmup"]
+            return
         counts["ttt_steps"] += 1
-        counts["ttt_rank_seqs"] = rank_seqs
-        clock.now += unit["ttt_step"]
-        if rt.distributed:
-            tg.all_reduce(torch.empty(ttt_grad_bytes // 4, device="meta"), rt)  # the flat fp32 gradients
+        counts["ttt_adapted"] += adapting
+        clock.now += unit["ttt_adapting" if adapting else "ttt_scoring"]
 
     out, lines = {}, []
-    stubs = dict(all_reduce=ledger, score_windows=score_windows, ttt_step=ttt_step, synchronize=lambda device: None,
-                 time=clock, ScoreBoard=VirtualBoard)
+    stubs = dict(all_reduce=ledger, score_windows=score_windows, lora_step=lora_step, DocumentLoRA=VirtualLoRA,
+                 maybe_compile=lambda model, device: model, synchronize=lambda device: None, time=clock,
+                 ScoreBoard=VirtualBoard)
     with patched(tg, **stubs):
         for name in passes(args):
             clock.now += before.get(name, 0.0)
-            t0, mark, now["pass"] = clock.now, ledger.mark(), name if name != "ttt" else "ttt_score"
+            t0, mark, now["pass"] = clock.now, ledger.mark(), name
             if name == "ttt":
-                tg.evaluate_ttt(nn.Linear(1, 1), None, tokens, None, args, rt, lines.append, deadline)
+                tg.evaluate_ttt(virtual_model(args), tokens, None, args, rt, lines.append, deadline)
             else:
                 tg.evaluate(None, tokens, None, pass_stride(args, name), args, rt)
             clock.now += overhead
             calls, nbytes, comm = ledger.since(mark)
-            out[name] = dict(seconds=clock.now - t0, batches=counts[now["pass"] + "_batches"], comm_seconds=comm,
+            out[name] = dict(seconds=clock.now - t0, batches=counts[name + "_batches"], comm_seconds=comm,
                              comm_calls=calls, comm_bytes=nbytes)
     if args.ttt_enabled:
-        summary = next(line for line in lines if line.startswith("ttt chunks"))
-        chunks, trained = (int(x) for x in re.match(r"ttt chunks (\d+) trained (\d+)", summary).groups())
-        out["ttt"].update(steps=counts["ttt_steps"], chunks=chunks, trained_chunks=trained,
-                          rank_seqs=counts["ttt_rank_seqs"], cut=any(line.startswith("ttt_deadline") for line in lines),
-                          log=lines)
+        out["ttt"].update(steps=counts["ttt_steps"], adapted=counts["ttt_adapted"],
+                          cut=counts["ttt_adapted"] < counts["ttt_steps"], log=lines)
     out["total_seconds"] = clock.now
     return out
 
@@ -439,79 +461,126 @@ def time_score_batches(model_fn, tokens: torch.Tensor, windows, args: tg.Hyperpa
     return seconds / max(batches, 1), batches
 
 
-def ttt_with_stamps(model: tg.GPT, model_fn, tokens: torch.Tensor, args: tg.Hyperparameters, rt: tg.Runtime,
-                    deadline: float) -> dict:
-    """Run train_gpt.evaluate_ttt itself (as rank rt.rank), stamping the time at each of its own synchronize()
-    calls: one after each chunk's scoring, one after each trained chunk's training (the chunks before the
-    deadline stopped adaptation, if it did). Returns per chunk its scoring seconds (from the end of the previous
-    chunk's work), per trained chunk its training seconds (deadline check included), the total, the chunks
-    trained and evaluate_ttt's log lines."""
-    lines, stamps, real_sync = [], [], tg.synchronize
-
-    def sync(device):
-        real_sync(device)
-        stamps.append(time.perf_counter())
-
-    with patched(tg, synchronize=sync), patched(tg.ScoreBoard, finalize=partial_finalize):
-        t0 = time.perf_counter()
-        tg.evaluate_ttt(model, model_fn, tokens, None, args, rt, lines.append, deadline)
-        real_sync(rt.device)
-        total = time.perf_counter() - t0
-    summary = next(line for line in lines if line.startswith("ttt chunks"))
-    chunks, trained = (int(x) for x in re.match(r"ttt chunks (\d+) trained (\d+)", summary).groups())
-    assert len(stamps) == chunks + trained, "evaluate_ttt no longer synchronizes once per scoring and training"
-    edges, score, train = iter([t0] + stamps), [], []
-    last = next(edges)
-    for c in range(chunks):
-        now = next(edges)
-        score.append(now - last)
-        last = now
-        if c < trained:
-            now = next(edges)
-            train.append(now - last)
-            last = now
-    return dict(score=score, train=train, seconds=total, chunks=chunks, trained_chunks=trained, log=lines)
+class StopPass(Exception):
+    """Raised by StepStamps to end evaluate_ttt once its sample is timed (evaluate_ttt's `finally` removes the
+    adapters)."""
 
 
-def measure_ttt(model: tg.GPT, model_fn, tokens: torch.Tensor, args: tg.Hyperparameters, rt: tg.Runtime,
-                warm: int, sample: int) -> dict:
-    """Seconds per TTT score batch and per TTT step (its gradient all-reduce excepted: the ledger records it):
-    evaluate_ttt on the stream's first warm+sample+1 chunks, whose windows, sequences and steps are exactly
-    those of the whole stream's first chunks (ttt_with_stamps), averaged over the chunks after `warm`."""
-    n = tokens.numel() - 1
-    m = min(warm + sample + 1, -(-n // args.ttt_chunk_tokens))
-    n_prefix = min(m * args.ttt_chunk_tokens, n)
-    counts = work_counts(args, n_prefix, rt.world_size, rt.rank)
-    run = ttt_with_stamps(model, model_fn, tokens[: n_prefix + 1], args, rt, math.inf)
-    sampled = range(min(warm, m - 1), m - 1) if m > 1 else range(m)  # never the last chunk: it is not trained
-    batches = sum(counts["ttt_chunk_batches"][c] for c in sampled)
-    steps = sum(counts["ttt_chunk_steps"][c] for c in sampled)
-    return dict(chunks_sampled=len(sampled), batches_sampled=batches, steps_sampled=steps,
-                score_batch_s=sum(run["score"][c] for c in sampled) / max(batches, 1),
-                step_s=sum(run["train"][c] for c in sampled) / steps if steps else 0.0)
+class StepStamps:
+    """Wraps train_gpt.lora_step inside a real evaluate_ttt, stamping perf_counter (the device synchronized) at
+    the start of the compile warm-up step (the one not on `stream`), of the first step on the stream, of the first
+    scoring-only step (if the deadline stopped adaptation) and after the stream's step `steps - 1`; it counts the
+    steps run adapting. With `sample` (a range of step indices) it also times those steps adapting (stamps
+    "sample", "sample_end"), then the same steps again scoring only (adapting=False; stamp "scoring_end": the
+    board and adapters are discarded) and ends the pass (StopPass) instead of running step sample.stop."""
+
+    def __init__(self, stream: torch.Tensor, steps: int, device: torch.device, sample: range | None = None):
+        self.stream, self.steps, self.device, self.sample = stream, steps, device, sample
+        self.real_step, self.stamps, self.done, self.adapted, self.rows = tg.lora_step, {}, 0, 0, []
+
+    def stamp(self, name: str) -> None:
+        tg.synchronize(self.device)
+        self.stamps[name] = time.perf_counter()
+
+    def __call__(self, model_fn, lora, tokens, plan, width, board, adapting, lr) -> None:
+        if tokens is not self.stream:
+            self.stamp("warmup")
+            return self.real_step(model_fn, lora, tokens, plan, width, board, adapting, lr)
+        i = self.done
+        if i == 0:
+            self.stamp("steps")
+        if not adapting and "scoring" not in self.stamps:
+            self.stamp("scoring")
+        if self.sample is not None:
+            if i == self.sample.start:
+                self.stamp("sample")
+            if i == self.sample.stop:
+                self.stamp("sample_end")
+                for rows in self.rows:
+                    self.real_step(model_fn, lora, tokens, rows, width, board, False, lr)
+                self.stamp("scoring_end")
+                raise StopPass
+            if i in self.sample:
+                self.rows.append(plan)
+        self.real_step(model_fn, lora, tokens, plan, width, board, adapting, lr)
+        self.done, self.adapted = i + 1, self.adapted + adapting
+        if self.done == self.steps:
+            self.stamp("last")
 
 
-def stand_in_stream(args: tg.Hyperparameters, n: int, random_tokens: bool,
-                    device: torch.device) -> tuple[torch.Tensor, str]:
-    """n+1 tokens for timing only: DATA_PATH's validation tokens tiled (their document boundaries matter with
-    DOC_MASK=1), or random ids. Returns (int64 tokens on the device, a description)."""
+def run_ttt(model: tg.GPT, tokens: torch.Tensor, args: tg.Hyperparameters, rt: tg.Runtime, deadline: float,
+            stamps: StepStamps) -> list[str]:
+    """train_gpt.evaluate_ttt itself as rank rt.rank on the whole stream (its finalize without the exactly-once
+    check: only this rank's share is scored), lora_step wrapped by `stamps`; stamps "call" and "end" around it.
+    Returns its log lines."""
+    lines = []
+    with patched(tg, lora_step=stamps), patched(tg.ScoreBoard, finalize=partial_finalize):
+        stamps.stamp("call")
+        try:
+            tg.evaluate_ttt(model, tokens, None, args, rt, lines.append, deadline)
+        except StopPass:
+            pass
+        stamps.stamp("end")
+    return lines
+
+
+def measure_ttt(model: tg.GPT, tokens: torch.Tensor, args: tg.Hyperparameters, rt: tg.Runtime, steps: int, warm: int,
+                sample: int) -> dict:
+    """TTT's fixed and unit times on rank rt.rank, from train_gpt.evaluate_ttt itself on the whole stream (`steps`
+    steps: rank_lora_plan's), stopped after its first warm+sample steps (StepStamps): its set-up seconds (documents,
+    schedule, adapters: from the call to the warm-up step), compile + warm-up seconds (the warm-up step and what
+    follows it until the first step), and the seconds per step of steps warm..warm+sample-1, adapting and scoring
+    only (the same steps again, adapting=False)."""
+    first = min(warm, max(steps - 2, 0))
+    sampled = range(first, min(first + sample, steps - 1))
+    if not sampled:
+        raise SystemExit(f"rank {rt.rank} runs {steps} TTT steps: too few to time one (use a longer --tokens)")
+    stamps = StepStamps(tokens, steps, rt.device, sampled)
+    run_ttt(model, tokens, args, rt, math.inf, stamps)
+    t = stamps.stamps
+    return dict(setup_seconds=t["warmup"] - t["call"], warmup_seconds=t["steps"] - t["warmup"],
+                adapting_step_s=(t["sample_end"] - t["sample"]) / len(sampled),
+                scoring_step_s=(t["scoring_end"] - t["sample_end"]) / len(sampled), steps_sampled=len(sampled),
+                steps_untimed=first)
+
+
+def full_ttt(args: tg.Hyperparameters, rt: tg.Runtime, model: tg.GPT, tokens: torch.Tensor, steps: int,
+             skipped_compile: float, ledger: Ledger, seconds_left: float) -> dict:
+    """--full: evaluate_ttt on rank rt.rank's whole share (`steps` steps), timed by StepStamps: its set-up, its steps
+    adapting and scoring only, and the rest (finalize); also its own warm-up (not in the total). Its deadline is
+    `seconds_left` from now (the projected evaluation time before TTT and TTT's modelled all-reduces taken off)
+    less `skipped_compile` seconds: its graph is compiled already (measure_ttt), so its warm-up is about one step
+    instead of the cold compile + warm-up of the run."""
+    mark, stamps = ledger.mark(), StepStamps(tokens, steps, rt.device)
+    log = run_ttt(model, tokens, args, rt, time.perf_counter() + seconds_left - skipped_compile, stamps)
+    t = stamps.stamps
+    cut = t.get("scoring", t["last"])
+    return dict(ttt_setup=t["warmup"] - t["call"], ttt_adapting=cut - t["steps"], ttt_scoring=t["last"] - cut,
+                ttt_rest=t["end"] - t["last"], ttt_comm=ledger.since(mark)[2], ttt_adapted=stamps.adapted,
+                ttt_own_warmup=t["steps"] - t["warmup"], ttt_log=log)
+
+
+def stand_in_stream(args: tg.Hyperparameters, n: int, random_tokens: bool) -> tuple[torch.Tensor, str]:
+    """n+1 tokens standing in for the contest's validation stream: DATA_PATH's validation tokens tiled (their
+    document boundaries set TTT's work and matter with DOC_MASK=1), or random ids (BOS among them at random).
+    Returns (int64 tokens on CPU, a description)."""
     if random_tokens:
         g = torch.Generator().manual_seed(args.seed)
-        return torch.randint(0, args.vocab_size, (n + 1,), generator=g).to(device), "random tokens"
+        return torch.randint(0, args.vocab_size, (n + 1,), generator=g), "random tokens"
     pattern = os.path.join(args.data_path, "fineweb_val_*.bin")
     val = tg.load_validation_tokens(pattern, args.train_seq_len, args.vocab_size)
-    tokens = val.repeat(-(-(n + 1) // val.numel()))[: n + 1]
-    return tokens.to(device), f"{pattern} ({val.numel():,} tokens) tiled"
+    return val.repeat(-(-(n + 1) // val.numel()))[: n + 1], f"{pattern} ({val.numel():,} tokens) tiled"
 
 
 def measure_eval(args: tg.Hyperparameters, rt: tg.Runtime, a, float_model, config: dict, entries: dict,
-                 artifact_path: str, tokens: torch.Tensor, ledger: Ledger) -> dict:
+                 artifact_path: str, tokens: torch.Tensor, ttt_steps: int, ledger: Ledger) -> dict:
     """Rank 0's evaluation in run()'s order, timing each fixed phase once and each pass by a sample of its
     batches (after `warm` untimed ones): zstd-22 + write of the artifact; the pre-quant pass's compilation
     (first batch of the compiled float model, less one batch) and batches; loading the artifact;
-    compilation and warm-up of the evaluation graphs (maybe_compile + warm_up_eval_graphs); round-trip batches;
-    window set-up and finalize of one pass; the final pass: TTT (measure_ttt) or, with TTT_ENABLED=0, sliding
-    batches. With a.full also the whole of each plain pass (train_gpt's evaluate; project() runs TTT's)."""
+    compilation and warm-up of the scoring graph (maybe_compile + warm_up_eval_graphs); round-trip batches;
+    window set-up and finalize of one pass; the final pass: TTT (measure_ttt on the stream, whose evaluated rank runs
+    `ttt_steps` steps) or, with TTT_ENABLED=0, sliding batches. With a.full also the whole of each plain pass
+    (train_gpt's evaluate; project() runs TTT's)."""
     device, n, seq_len, warm = rt.device, tokens.numel() - 1, args.train_seq_len, 3
     out: dict = {"full": {}}
     pack_s, blob = timed(lambda: tg.pack_artifact(config, entries), device)
@@ -557,29 +626,19 @@ def measure_eval(args: tg.Hyperparameters, rt: tg.Runtime, a, float_model, confi
     full("roundtrip", model_fn)
 
     def finalize_pass():
-        tg.sliding_windows(n, seq_len, args.eval_stride)  # what evaluate() / evaluate_ttt compute first
+        tg.sliding_windows(n, seq_len, args.eval_stride)  # what evaluate() computes first
         b = tg.ScoreBoard(n, device)
         b.count.fill_(1)
         b.finalize(dummy_bytes, rt)
 
     out["pass_overhead_seconds"], _ = timed(finalize_pass, device)
     if args.ttt_enabled:
-        out["ttt"] = measure_ttt(model, model_fn, tokens, args, rt, 2, a.sample_chunks)
+        out["ttt"] = measure_ttt(model, tokens, args, rt, ttt_steps, 2, a.sample_steps)
     else:
         sample("sliding", model_fn)
         full("sliding", model_fn)
-    out["_model"], out["_model_fn"] = model, model_fn
+    out["_model"] = model
     return out
-
-
-def full_ttt(args: tg.Hyperparameters, rt: tg.Runtime, model, model_fn, tokens: torch.Tensor, ledger: Ledger,
-             seconds_left: float) -> dict:
-    """--full: evaluate_ttt on rank 0's whole share (ttt_with_stamps), its deadline `seconds_left` from now (the
-    projected evaluation time before TTT and TTT's modelled all-reduces already taken off)."""
-    mark = ledger.mark()
-    run = ttt_with_stamps(model, model_fn, tokens, args, rt, time.perf_counter() + seconds_left)
-    return dict(ttt=run["seconds"], ttt_comm=ledger.since(mark)[2], ttt_log=run["log"],
-                ttt_trained_chunks=run["trained_chunks"], ttt_score=sum(run["score"]), ttt_train=sum(run["train"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,10 +673,12 @@ def project_training(args: tg.Hyperparameters, train: dict, ddp_seconds: float, 
 def eval_units(args: tg.Hyperparameters, m: dict) -> tuple[dict, dict, float]:
     """(seconds per unit for virtual_eval, seconds ahead of each pass, overhead per pass) from measure_eval."""
     unit = {name: m[name + "_batch_s"] for name in plain_passes(args)}
-    if args.ttt_enabled:
-        unit.update(ttt_score=m["ttt"]["score_batch_s"], ttt_step=m["ttt"]["step_s"])
     before = {"prequant": m["compress_seconds"] + m["prequant_compile_seconds"],
               "roundtrip": m["load_seconds"] + m["warmup_seconds"]}
+    if args.ttt_enabled:
+        t = m["ttt"]
+        unit.update(ttt_warmup=t["warmup_seconds"], ttt_adapting=t["adapting_step_s"], ttt_scoring=t["scoring_step_s"])
+        before["ttt"] = t["setup_seconds"]
     return unit, before, m["pass_overhead_seconds"]
 
 
@@ -649,31 +710,32 @@ def eval_rows(args: tg.Hyperparameters, m: dict, proj: dict) -> list[tuple]:
     """(label, count, seconds per unit or None, seconds, full-run seconds or None) of each evaluation phase."""
     full, names = m["full"], passes(args)
 
-    def fixed(label: str, key: str) -> tuple:  # measured once; the same in a full run
-        return label, 1, None, m[key], m[key]
+    def fixed(label: str, value: float, full_value: float | None = None) -> tuple:  # measured once
+        return label, 1, None, value, value if full_value is None else full_value
 
     def batches(label: str, name: str) -> tuple:  # a plain pass
         count = proj[name]["batches"]
         return (f"{label} pass (stride {pass_stride(args, name)})", count, m[name + "_batch_s"],
                 count * m[name + "_batch_s"], full.get(name))
 
-    rows = [fixed("artifact zstd-22 + write", "compress_seconds"),
-            fixed("pre-quant compile", "prequant_compile_seconds"),
+    rows = [fixed("artifact zstd-22 + write", m["compress_seconds"]),
+            fixed("pre-quant compile", m["prequant_compile_seconds"]),
             batches("pre-quant", "prequant"),
-            fixed("artifact load", "load_seconds"),
-            fixed("compile + warm-up", "warmup_seconds"),
+            fixed("artifact load", m["load_seconds"]),
+            fixed("compile + warm-up", m["warmup_seconds"]),
             batches("round-trip", "roundtrip")]
     if args.ttt_enabled:
-        ttt, t = proj["ttt"], m["ttt"]
-        rows += [(f"TTT score (stride {args.eval_stride})", ttt["batches"], t["score_batch_s"],
-                  ttt["batches"] * t["score_batch_s"], full.get("ttt_score")),
-                 (f"TTT train ({ttt['rank_seqs']} x {args.train_seq_len} per step)", ttt["steps"], t["step_s"],
-                  ttt["steps"] * t["step_s"], full.get("ttt_train"))]
+        ttt, t, shape = proj["ttt"], m["ttt"], f"{args.ttt_lora_docs} x {args.train_seq_len}"
+        rows += [fixed("TTT set-up (documents, plan, adapters)", t["setup_seconds"], full.get("ttt_setup")),
+                 fixed("TTT compile + warm-up", t["warmup_seconds"]),  # a --full run's graph is compiled already
+                 (f"TTT steps ({shape}, adapting)", ttt["adapted"], t["adapting_step_s"],
+                  ttt["adapted"] * t["adapting_step_s"], full.get("ttt_adapting")),
+                 (f"TTT steps ({shape}, scoring only)", ttt["steps"] - ttt["adapted"], t["scoring_step_s"],
+                  (ttt["steps"] - ttt["adapted"]) * t["scoring_step_s"], full.get("ttt_scoring"))]
     else:
         rows.append(batches("sliding", "sliding"))
-    ttt_rest = full["ttt"] - full["ttt_score"] - full["ttt_train"] if "ttt" in full else None  # its set-up, finalize
     rows.append(("pass set-up + finalize", len(names), m["pass_overhead_seconds"],
-                 len(names) * m["pass_overhead_seconds"], ttt_rest))
+                 len(names) * m["pass_overhead_seconds"], full.get("ttt_rest")))  # a plain pass's: in its full time
     full_comm = sum(v for k, v in full.items() if k.endswith("_comm")) if full else None
     rows.append(("all-reduce (modelled)", sum(proj[p]["comm_calls"] for p in names), None,
                  sum(proj[p]["comm_seconds"] for p in names), full_comm))
@@ -684,7 +746,7 @@ def print_eval(a, args: tg.Hyperparameters, counts: dict, m: dict, proj: dict, n
     """Evaluation table (count x unit = seconds per phase; full-run seconds with --full), total, margins, TTT
     deadline verdict, and the counts and samples behind it."""
     limit, w = args.eval_max_seconds, a.world_size
-    print(f"\nEVALUATION (rank 0 of {w}; EVAL_MAX_SECONDS {limit:g})")
+    print(f"\nEVALUATION (rank {counts['rank']} of {w}, the busiest; EVAL_MAX_SECONDS {limit:g})")
     print(f"{'phase':<40}{'count':>8}{'unit ms':>10}{'seconds':>10}" + (f"{'full run':>10}" if a.full else ""))
     for label, count, unit_s, seconds, full_s in eval_rows(args, m, proj):
         unit_txt = f"{1000 * unit_s:>10.2f}" if unit_s is not None else " " * 10
@@ -702,35 +764,38 @@ def print_eval(a, args: tg.Hyperparameters, counts: dict, m: dict, proj: dict, n
 
 
 def print_ttt_verdict(ttt: dict, full: dict) -> None:
-    """Whether TTT's deadline rule stops adaptation in the projection (and how many chunks a --full run trained)."""
-    trainable = ttt["chunks"] - 1
+    """Whether TTT's deadline rule stops adaptation in the projection, after how many steps (and how many steps a
+    --full run adapted)."""
     if ttt["cut"]:
-        print(f"TTT DEADLINE: adaptation stops after {ttt['trained_chunks']:,} of {trainable:,} chunks "
-              "(train_gpt's own rule); the remaining chunks are only scored, so the score gets worse")
+        print(f"TTT DEADLINE: adaptation stops after {ttt['adapted']:,} of {ttt['steps']:,} steps (train_gpt's own "
+              f"rule); the remaining {ttt['steps'] - ttt['adapted']:,} only score, so the score gets worse")
     else:
-        print(f"TTT deadline not reached: all {trainable:,} trainable chunks are trained")
-    if "ttt_trained_chunks" in full:
-        print(f"full run: TTT trained {full['ttt_trained_chunks']:,} chunks")
+        print(f"TTT deadline not reached: all {ttt['steps']:,} steps adapt")
+    if "ttt_adapted" in full:
+        print(f"full run: TTT adapted {full['ttt_adapted']:,} of {ttt['steps']:,} steps")
 
 
 def counts_line(args: tg.Hyperparameters, c: dict, world: int) -> str:
-    """The counts behind the table: rank 0's windows and score batches of the round-trip (and pre-quant) pass,
-    then of the final pass: TTT's chunks, score batches and steps, or the sliding pass's windows and batches."""
-    line = (f"counts (rank 0 of {world}, n={c['n_targets']:,}): round-trip {c['roundtrip_windows']:,} windows = "
-            f"{c['roundtrip_batches']:,} batches of {args.eval_batch_seqs}; ")
+    """The counts behind the table: the evaluated rank's windows and score batches of the round-trip (and pre-quant)
+    pass, then of the final pass: TTT's documents, steps and row-tokens, or the sliding pass's windows and batches."""
+    line = (f"counts (rank {c['rank']} of {world}, n={c['n_targets']:,}): round-trip {c['roundtrip_windows']:,} "
+            f"windows = {c['roundtrip_batches']:,} batches of {args.eval_batch_seqs}; ")
     if args.ttt_enabled:
-        return line + (f"TTT {c['ttt_chunks']:,} chunks, {c['ttt_score_batches']:,} score batches, {c['ttt_steps']:,} "
-                       f"steps of {c['ttt_rank_seqs']} sequences ({c['ttt_seqs_per_step']} a global step)")
+        return line + (f"TTT {c['ttt_documents']:,} of {c['ttt_all_documents']:,} documents ({c['ttt_targets']:,} "
+                       f"targets) in {c['ttt_steps']:,} steps of {args.ttt_lora_docs} x {args.train_seq_len} "
+                       f"(chunks of {args.ttt_lora_chunk}; some row trains in {c['ttt_training_steps']:,}); "
+                       f"row-tokens {c['ttt_row_tokens_read']:,} read of {c['ttt_row_tokens']:,} computed "
+                       f"({100 * c['ttt_row_tokens_read'] / max(c['ttt_row_tokens'], 1):.0f} %)")
     return line + f"sliding {c['sliding_windows']:,} windows = {c['sliding_batches']:,} batches"
 
 
 def sampled_line(args: tg.Hyperparameters, m: dict) -> str:
-    """How many score batches (and TTT chunks and steps) each unit time was measured on."""
+    """How many score batches (and TTT steps) each unit time was measured on."""
     line = f"sampled: {m['prequant_batches_sampled']} pre-quant, {m['roundtrip_batches_sampled']} round-trip"
     if args.ttt_enabled:
         t = m["ttt"]
-        return line + (f" batches; TTT {t['chunks_sampled']} chunks = {t['batches_sampled']} batches + "
-                       f"{t['steps_sampled']} steps")
+        return line + (f" batches; TTT steps {t['steps_untimed']}..{t['steps_untimed'] + t['steps_sampled'] - 1} "
+                       "of the rank's plan, adapting, then the same steps scoring only")
     return line + f", {m['sliding_batches_sampled']} sliding batches"
 
 
@@ -738,12 +803,12 @@ def print_report(a, info: dict, counts: dict, train: dict | None, tproj: dict | 
                  proj: dict, need: dict, args: tg.Hyperparameters) -> None:
     """The projection as compact tables (see the module docstring for what is measured and modelled)."""
     w = a.world_size
-    print(f"\n== projected {w}-GPU run: rank 0 of {w}, measured on {info['device']} ==")
+    print(f"\n== projected {w}-GPU run, measured on {info['device']} ==")
     print(f"date {info['date']}  torch {info['torch']}  train_gpt.py sha256 {info['code_sha256'][:16]}…  "
           f"env overrides: {info['overrides'] or '(none)'}")
     print(f"all-reduce model: ring over {w} ranks, {info['ring']}; busbw {info['busbw_gbs']:.0f} GB/s, "
           f"{info['hop_latency_us']:.1f} us per hop; added to compute, no overlap")
-    print(f"eval stream: {counts['n_targets']:,} targets, {info['stream']}; busiest rank: {info['busiest']}")
+    print(f"eval stream: {counts['n_targets']:,} targets, {info['stream']}; evaluation plays {info['busiest']}")
     if train:
         print_training(args, info, train, tproj, comm, w)
     print_eval(a, args, counts, m, proj, need)
@@ -770,16 +835,14 @@ def print_report(a, info: dict, counts: dict, train: dict | None, tproj: dict | 
 
 def message_sizes(args: tg.Hyperparameters, n: int) -> list[tuple[str, int, torch.dtype]]:
     """(name, elements, dtype) of every all-reduce the run makes: DDP's gradient buckets, Muon's flat bf16
-    updates, TTT's flat fp32 gradients, GPTQ Hessians, the score boards (fp32 NLL, int32 counts) and the
-    small stop/deadline flags."""
+    updates, GPTQ Hessians, the score boards (fp32 NLL, int32 counts) and the small stop flags (TTT's adapters are
+    per rank: it all-reduces only its score board)."""
     model = tg.GPT(**tg.model_config(args, BOS_ID))
     sizes = [(f"ddp_bucket_{b}", b // 4, torch.float32) for b in sorted(set(ddp_bucket_bytes(model)))]
     sizes.append(("muon_updates", sum(p.numel() for p in tg.linear_weights(model)), torch.bfloat16))
-    sizes.append(("ttt_gradients", sum(p.numel() for p in model.parameters()), torch.float32))
     cols = sorted({m.in_features for m in model.blocks.modules() if isinstance(m, nn.Linear)})
     sizes += [(f"gptq_hessian_{c}", c * c, torch.float32) for c in cols]
-    sizes += [("score_nll", n, torch.float32), ("score_count", n, torch.int32), ("stop_flags", 2, torch.float32),
-              ("ttt_decision", 1, torch.float32)]
+    sizes += [("score_nll", n, torch.float32), ("score_count", n, torch.int32), ("stop_flags", 2, torch.float32)]
     return sizes
 
 
@@ -864,16 +927,24 @@ def comm_main(a) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def busiest_rank(args: tg.Hyperparameters, tokens: torch.Tensor, world: int) -> tuple[int, list[dict]]:
+    """The rank whose evaluation takes longest, judged by its final pass's work (TTT steps, or sliding score
+    batches without TTT), then its round-trip batches; lowest index on ties. Ranks wait for each other only at
+    the final all-reduce, so the run's evaluation lasts as long as this rank's. Returns (rank, every rank's
+    work_counts)."""
+    every = [work_counts(args, tokens, world, r) for r in range(world)]
+    final = "ttt_steps" if args.ttt_enabled else "sliding_batches"
+    return max(range(world), key=lambda r: (every[r][final], every[r]["roundtrip_batches"], -r)), every
+
+
 def describe(a, args: tg.Hyperparameters, overrides: dict, device: torch.device, ring: RingModel, accum: int,
-             code: bytes) -> dict:
-    """What the report's header states: device, versions, date, code, settings, communication model, and
-    whether any rank has more work than rank 0 (this GPU's role)."""
-    rank0 = work_counts(args, a.tokens, a.world_size)
-    keys = [k for k in ("roundtrip_batches", "sliding_batches", "ttt_score_batches", "ttt_steps") if k in rank0]
-    others = [work_counts(args, a.tokens, a.world_size, r) for r in range(1, a.world_size)]
-    extra = {k: max([c[k] for c in others], default=0) - rank0[k] for k in keys}
-    busiest = "rank 0" if max(extra.values()) <= 0 else \
-        "another rank has more: " + ", ".join(f"{k} +{v}" for k, v in extra.items() if v > 0)
+             code: bytes, rank: int, every: list[dict]) -> dict:
+    """What the report's header states: device, versions, date, code, settings, communication model, and which
+    rank the evaluation plays (the busiest, `rank`) against the others' work (`every`: work_counts per rank)."""
+    final = "ttt_steps" if args.ttt_enabled else "sliding_batches"
+    work = [c[final] for c in every]
+    busiest = (f"rank {rank} ({final.replace('_', ' ')} {work[rank]:,}; ranks range {min(work):,}-{max(work):,}, "
+               f"rank 0 {work[0]:,})")
     check = json.load(open(a.comm_json)).get("check") if a.comm_json else None
     return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -883,13 +954,10 @@ def describe(a, args: tg.Hyperparameters, overrides: dict, device: torch.device,
 
 
 def per_step_messages(args: tg.Hyperparameters, ring: RingModel) -> dict:
-    """Bytes and modelled seconds of DDP's gradient all-reduce per training step, and the bytes of TTT's flat
-    gradient all-reduce per TTT step (fp32, every parameter)."""
+    """Bytes and modelled seconds of DDP's gradient all-reduce per training step."""
     torch.manual_seed(args.seed)
-    model = tg.GPT(**tg.model_config(args, BOS_ID))
-    buckets = ddp_bucket_bytes(model)
-    return dict(ddp_bytes=sum(buckets), ddp_buckets=len(buckets), ddp_seconds=sum(ring.seconds(b) for b in buckets),
-                ttt_grad_bytes=4 * sum(p.numel() for p in model.parameters()))
+    buckets = ddp_bucket_bytes(tg.GPT(**tg.model_config(args, BOS_ID)))
+    return dict(ddp_bytes=sum(buckets), ddp_buckets=len(buckets), ddp_seconds=sum(ring.seconds(b) for b in buckets))
 
 
 def single_process_wrap(model: tg.GPT, rt: tg.Runtime) -> nn.Module:
@@ -898,14 +966,17 @@ def single_process_wrap(model: tg.GPT, rt: tg.Runtime) -> nn.Module:
 
 
 def project(a) -> dict:
-    """Measure rank 0's work on this device and print the projected run (see the module docstring)."""
+    """Measure one rank's work on this device and print the projected run (see the module docstring)."""
     args, overrides = tg.Hyperparameters.from_env()
     device = tg.init_runtime().device  # no WORLD_SIZE: one process; sets TF32 and the Inductor flags as a run does
-    rt = tg.Runtime(rank=0, world_size=a.world_size, local_rank=0, device=device)
+    rt = tg.Runtime(rank=0, world_size=a.world_size, local_rank=0, device=device)  # training: every rank alike
     ring, accum = ring_model(a), tg.grad_accum_steps(args, rt)
     code = open(os.path.join(REPO, "train_gpt.py"), "rb").read()
-    info, comm = describe(a, args, overrides, device, ring, accum, code), per_step_messages(args, ring)
-    counts, ledger = work_counts(args, a.tokens, a.world_size), Ledger(ring)
+    stream, stream_info = stand_in_stream(args, a.tokens, a.random_tokens)
+    rank, every = busiest_rank(args, stream, a.world_size)
+    counts, ledger, ert = every[rank], Ledger(ring), dataclasses.replace(rt, rank=rank)  # ert: the evaluation's rank
+    info = describe(a, args, overrides, device, ring, accum, code, rank, every) | {"stream": stream_info}
+    comm = per_step_messages(args, ring)
     train = tproj = model = None
     with patched(tg, all_reduce=ledger, wrap_for_training=single_process_wrap):
         if not a.eval_only:
@@ -923,29 +994,32 @@ def project(a) -> dict:
             for key in (k for k in ours if config.get(k) != ours[k]):  # evaluation runs the artifact's model
                 print(f"WARNING: {a.artifact} has {key}={config.get(key)}, the environment {ours[key]}: the "
                       "evaluation times the artifact's model, the training the environment's")
-        tokens, info["stream"] = stand_in_stream(args, a.tokens, a.random_tokens, device)
-        print("timing the evaluation as rank 0 ...", flush=True)
+        tokens = stream.to(device)
+        print(f"timing the evaluation as rank {rank} ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            m = measure_eval(args, rt, a, model, config, entries, os.path.join(tmp, "artifact.ptz"), tokens, ledger)
+            m = measure_eval(args, ert, a, model, config, entries, os.path.join(tmp, "artifact.ptz"), tokens,
+                             counts.get("ttt_steps", 0), ledger)
         del model
         unit, before, overhead = eval_units(args, m)
-        replay = lambda deadline: virtual_eval(args, a.tokens, a.world_size, ring, unit, before, overhead,  # noqa: E731
-                                               comm["ttt_grad_bytes"], deadline)
+        replay = lambda deadline: virtual_eval(args, stream, a.world_size, ring, unit, before, overhead,  # noqa: E731
+                                               deadline, rank)
         proj, need = replay(args.eval_max_seconds), replay(math.inf)
-        assert [proj[p]["batches"] for p in passes(args)] == [counts[BATCH_KEYS[p]] for p in passes(args)]
-        assert not args.ttt_enabled or need["ttt"]["steps"] == counts["ttt_steps"]
-        model, model_fn = m.pop("_model"), m.pop("_model_fn")
+        assert [proj[p]["batches"] for p in plain_passes(args)] == [counts[BATCH_KEYS[p]] for p in plain_passes(args)]
+        assert not args.ttt_enabled or need["ttt"]["steps"] == need["ttt"]["adapted"] == counts["ttt_steps"]
+        model = m.pop("_model")
         if a.full:
             f = m["full"]
-            plain = sum(before.values()) + sum(f[p] + f[p + "_comm"] for p in plain_passes(args))
+            plain = before["prequant"] + before["roundtrip"] + sum(f[p] + f[p + "_comm"] for p in plain_passes(args))
             if args.ttt_enabled:
                 left = args.eval_max_seconds - plain - need["ttt"]["comm_seconds"]
-                f.update(full_ttt(args, rt, model, model_fn, tokens, ledger, left))
-            f["total"] = plain + f.get("ttt", 0.0) + f.get("ttt_comm", 0.0)
+                skipped = m["ttt"]["warmup_seconds"] - m["ttt"]["adapting_step_s"]
+                f.update(full_ttt(args, ert, model, tokens, counts["ttt_steps"], skipped, ledger, left))
+                plain += m["ttt"]["warmup_seconds"] + sum(f[k] for k in ("ttt_setup", "ttt_adapting", "ttt_scoring",
+                                                                          "ttt_rest", "ttt_comm"))
+            f["total"] = plain
     print_report(a, info, counts, train, tproj, comm, m, proj, need, args)
-    result = dict(info=info, counts={k: v for k, v in counts.items() if not k.startswith("ttt_chunk_")},
-                  training=train, training_projection=tproj, comm=comm, eval_measured=m, eval_projection=proj,
-                  eval_needed_without_deadline=need["total_seconds"])
+    result = dict(info=info, counts=counts, training=train, training_projection=tproj, comm=comm, eval_measured=m,
+                  eval_projection=proj, eval_needed_without_deadline=need["total_seconds"])
     if a.json:
         tg.atomic_write(a.json, (json.dumps(result, indent=2, default=str) + "\n").encode())
     return result
@@ -962,8 +1036,10 @@ def parse_args(argv=None):
                     "default: the artifact GPTQ makes of the briefly trained model (compresses faster)")
     ap.add_argument("--train-steps", type=int, default=50, help="timed train() steps per graph (after WARMUP_STEPS)")
     ap.add_argument("--sample-batches", type=int, default=40, help="timed score batches per pass (after 3 untimed)")
-    ap.add_argument("--sample-chunks", type=int, default=20, help="timed TTT chunks (after 2 untimed; with TTT only)")
-    ap.add_argument("--full", action="store_true", help="also run rank 0's whole share of every pass (a check)")
+    ap.add_argument("--sample-steps", type=int, default=20,
+                    help="timed TTT steps, adapting and then scoring only (after 2 untimed; with TTT only)")
+    ap.add_argument("--full", action="store_true",
+                    help="also run the evaluated rank's whole share of every pass (a check)")
     ap.add_argument("--eval-only", action="store_true",
                     help="skip the training measurement (the pre-quant pass is then timed with the loaded model)")
     ap.add_argument("--comm-json", default="", help="all-reduce measurements written by --comm")

@@ -248,21 +248,18 @@ def test_model_compiles_whole_on_flash4(fa4_standin, doc_mask):
 
 @pytest.mark.parametrize("doc_mask", [False, True])
 def test_warm_up_compiles_the_graphs_the_passes_use(fa4_standin, tokenizer, doc_mask, monkeypatch):
-    """After warm_up_eval_graphs, a scoring pass and a TTT step of the compiled model (the GPU path: FA4 route,
-    document segments marked dynamic) run without one recompilation. torch.compile guards on strides: the P300 run
-    of code 581a467c warmed up on contiguous inputs and compiled both graphs again (eval 170 s longer)."""
+    """After warm_up_eval_graphs, a scoring pass of the compiled model (the GPU path: FA4 route, document segments
+    marked dynamic) runs without one recompilation. torch.compile guards on strides: the P300 run of code 581a467c
+    warmed up on contiguous inputs and compiled its graphs again (eval 170 s longer)."""
     tokens = torch.from_numpy(docs_tokens(tokenizer.sp, 4 * 64 + 1, seed=8).astype("int64"))
     bpt = tg.target_bytes(tokens, tg.byte_tables(tokenizer.sp))
-    args = tg.Hyperparameters(vocab_size=320, train_seq_len=64, eval_stride=32, eval_batch_seqs=4,
-                              ttt_chunk_tokens=128, ttt_batch_seqs=2)
+    args = tg.Hyperparameters(vocab_size=320, train_seq_len=64, eval_stride=32, eval_batch_seqs=4)
     torch._dynamo.reset()
     model = tiny_model(seed=5, doc_mask=doc_mask)
     model_fn = torch.compile(model, dynamic=False, backend="eager")
     tg.warm_up_eval_graphs(model, model_fn, args, runtime())
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     tg.evaluate(model_fn, tokens, bpt, args.eval_stride, args, runtime())
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    tg.ttt_step(model, model_fn, opt, list(model.parameters()), tokens, torch.tensor([0, 64]), 2, args, runtime())
     torch._dynamo.reset()
 
 

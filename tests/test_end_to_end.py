@@ -187,3 +187,22 @@ def test_depth_recurrence_end_to_end(tmp_path, tokenizer, data_dir):
     final = number(log_line(lines, "final val_loss"), "val_bpb")
     eval_lines = (tmp_path / "eval_log.txt").read_text().splitlines()
     assert number(log_line(eval_lines, "final val_loss"), "val_bpb") == final
+
+
+def test_lora_ttt_end_to_end(training_run, val_tokens):
+    """EVAL_ONLY with other LoRA TTT settings: the round-trip score is the training run's, the final pass is the
+    per-document LoRA TTT with those settings (every target once: the scores file holds one value per target, every
+    step adapts without a deadline), and the run ends ok."""
+    cwd, env = training_run
+    run_script(cwd, {**env, "EVAL_ONLY": "1", "ARTIFACT": str(cwd / "final_model.int6.ptz"),
+                     "TTT_LORA_CHUNK": "8", "TTT_LORA_DOCS": "8", "TTT_LORA_RANK": "4",
+                     "LOG_PATH": "lora_log.txt", "SCORES_PATH": "scores_lora.npy"})
+    train_lines, lines = (cwd / "train_log.txt").read_text().splitlines(), (cwd / "lora_log.txt").read_text().splitlines()
+    assert log_line(lines, "final roundtrip ").split(" eval_time")[0] == \
+        log_line(train_lines, "final roundtrip ").split(" eval_time")[0]
+    assert number(log_line(lines, "ttt documents "), "adapted") == number(log_line(lines, "ttt documents "), "steps")
+    assert number(log_line(lines, "ttt documents "), "rows") == 8
+    scores = np.load(cwd / "scores_lora.npy")
+    assert scores.shape == (val_tokens.numel() - 1,) and np.isfinite(scores).all()
+    assert number(log_line(lines, "final ttt "), "val_bpb") == number(log_line(lines, "final val_loss "), "val_bpb")
+    assert lines[-1] == "run_end status=ok"

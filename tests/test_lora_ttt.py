@@ -1,0 +1,191 @@
+"""Per-document score-first LoRA test-time training (R6 PR #1667 / R7 PR #1530) keeps every rule of the legality
+checklist: each target scored once, before any update that used it; documents in stream order, independent of each
+other; causal; the deadline stops adaptation; the compile warm-up sees random tokens only and compiles one graph, and
+the pass then never recompiles. Tiny models on CPU."""
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+from conftest import BOS, docs_tokens, runtime, tg, tiny_model
+
+SEQ, CHUNK, ROWS = 32, 8, 3
+
+
+def lora_args(**overrides) -> tg.Hyperparameters:
+    kw = dict(vocab_size=320, train_seq_len=SEQ, eval_stride=16, ttt_lora_chunk=CHUNK, ttt_lora_rank=4,
+              ttt_lora_docs=ROWS, ttt_lora_lr=0.05)
+    args = tg.Hyperparameters(**{**kw, **overrides})
+    args.validate()
+    return args
+
+
+def run_lora(model, tokens, args=None, deadline=None):
+    """evaluate_ttt on a copy of the model -> (per-target NLL, log lines)."""
+    lines = []
+    deadline = time.perf_counter() + 1e6 if deadline is None else deadline
+    _, _, board = tg.evaluate_ttt(copy.deepcopy(model), tokens, torch.ones(tokens.numel() - 1), args or lora_args(),
+                                  runtime(), lines.append, deadline)
+    return board.nll, lines
+
+
+@pytest.fixture(scope="module")
+def stream(tokenizer):
+    """~900 targets of generated documents (5-70 tokens, some over SEQ), starting with a partial document (the stream
+    does not begin with BOS) and ending inside one."""
+    return torch.from_numpy(docs_tokens(tokenizer.sp, 910, seed=5).astype("int64"))[7:]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=8, doc_mask=True)
+
+
+def plain_window_scores(model, tokens) -> torch.Tensor:
+    """Reference for a fresh adapter: each document chunk scored by the plain model on its window (the document's
+    latest <= SEQ tokens up to the chunk's end), one window at a time."""
+    out = torch.full((tokens.numel() - 1,), float("nan"))
+    starts, lengths = tg.document_spans(tokens, BOS)
+    with torch.no_grad():
+        for s, n in zip(starts.tolist(), lengths.tolist()):
+            for k in range(0, n, CHUNK):
+                hi = min(k + CHUNK, n)
+                lo = max(0, hi - SEQ)
+                nll = model(tokens[None, s + lo : s + hi], tokens[None, s + lo + 1 : s + hi + 1], "none")[0]
+                out[s + k : s + hi] = nll[k - lo :]
+    return out
+
+
+def test_document_spans_partition_targets(stream):
+    starts, lengths = tg.document_spans(stream, BOS)
+    assert int(starts[0]) == 0 and stream[0] != BOS and int(lengths.sum()) == stream.numel() - 1
+    assert torch.equal(starts[1:], starts[:-1] + lengths[:-1]) and bool((stream[starts[1:]] == BOS).all())
+    assert int((stream[:-1] == BOS).sum()) == len(starts) - 1 and int(lengths.max()) > SEQ
+
+
+def test_schedule_keeps_stream_order_and_covers_every_target_once(stream):
+    """Rows start documents in stream order (the first ROWS together, in rows 0..ROWS-1), each document runs its chunks
+    in consecutive steps of one row, starting with a reset and training on every chunk but its last; the scored
+    offsets cover every target exactly once, each window lies inside its document and is at most SEQ long."""
+    starts, lengths = tg.document_spans(stream, BOS)
+    plan = tg.lora_schedule(starts, lengths, ROWS, CHUNK, SEQ)
+    count = torch.zeros(stream.numel() - 1, dtype=torch.int64)
+    first_step, doc_of = [], torch.searchsorted(starts, plan[:, :, 0].contiguous(), right=True) - 1
+    for d, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        steps, rows = ((plan[:, :, 1] > 0) & (doc_of == d)).nonzero(as_tuple=True)
+        k = len(steps)
+        assert k == -(-n // CHUNK) and len(set(rows.tolist())) == 1
+        assert torch.equal(steps, torch.arange(int(steps[0]), int(steps[0]) + k))
+        first_step.append(int(steps[0]))
+        entries = plan[steps, rows]
+        assert entries[:, 4].tolist() == [1] + [0] * (k - 1) and entries[:, 3].tolist() == [1] * (k - 1) + [0]
+        for pos, w, frm, _, _ in entries.tolist():
+            assert s <= pos and pos + w <= s + n and w <= SEQ
+            count[pos + frm : pos + w] += 1
+    assert first_step == sorted(first_step) and first_step[:ROWS] == [0] * ROWS
+    assert plan[0, :, 0].tolist() == starts[:ROWS].tolist()
+    assert bool((count == 1).all())
+
+
+def test_fresh_adapters_score_like_the_plain_model(stream, model):
+    """With LR 0 every target's score is the plain model's on its document window, so the windows, the padding and the
+    per-row batching are right; with a real LR each document's first chunk (scored before any update) still is, and
+    later chunks differ (adaptation happens)."""
+    reference = plain_window_scores(model, stream)
+    frozen, _ = run_lora(model, stream, lora_args(ttt_lora_lr=0.0))
+    torch.testing.assert_close(frozen, reference, rtol=1e-5, atol=1e-5)
+    adapted, lines = run_lora(model, stream)
+    assert any(line.startswith(f"ttt documents {len(tg.document_spans(stream, BOS)[0])} ") for line in lines)
+    starts, lengths = tg.document_spans(stream, BOS)
+    first = torch.cat([torch.arange(s, s + min(n, CHUNK)) for s, n in zip(starts.tolist(), lengths.tolist())])
+    torch.testing.assert_close(adapted[first], reference[first], rtol=1e-5, atol=1e-5)
+    later = torch.ones_like(adapted, dtype=torch.bool)
+    later[first] = False
+    assert (adapted[later] - reference[later]).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("same_documents", [True, False])
+def test_scores_are_causal_and_precede_updates(stream, model, same_documents):
+    """Changing every token after target t (mid-chunk, mid-stream) changes no score at or before t: each chunk is scored
+    before the update on it (an update first would let t's score see the chunk's later targets). Keeping the BOS
+    positions keeps the schedule, and the scores are bit-identical; random tokens move documents between rows, which
+    changes only rounding."""
+    reference, _ = run_lora(model, stream)
+    starts, _ = tg.document_spans(stream, BOS)
+    t = int(starts[len(starts) // 2]) + CHUNK + 3
+    cut, g = stream.clone(), torch.Generator().manual_seed(4)
+    noise = torch.randint(3, 300, (stream.numel() - t - 2,), generator=g)
+    cut[t + 2 :] = torch.where(stream[t + 2 :] == BOS, BOS, noise) if same_documents else noise
+    nll, _ = run_lora(model, cut)
+    if same_documents:
+        assert torch.equal(nll[: t + 1], reference[: t + 1])
+    else:
+        torch.testing.assert_close(nll[: t + 1], reference[: t + 1], rtol=0, atol=1e-5)
+    assert (nll[t + 1 :] - reference[t + 1 :]).abs().max() > 0.1
+
+
+def test_documents_are_independent(stream, model):
+    """Rewriting one early document (same length) leaves every other document's scores bit-identical, the later
+    documents that reuse its row included (its adapter is reset), and changes its own."""
+    reference, _ = run_lora(model, stream)
+    starts, lengths = tg.document_spans(stream, BOS)
+    d = 2
+    s, n = int(starts[d]), int(lengths[d])
+    other = stream.clone()
+    other[s + 1 : s + n] = torch.randint(3, 300, (n - 1,), generator=torch.Generator().manual_seed(3))
+    nll, _ = run_lora(model, other)
+    assert torch.equal(nll[:s], reference[:s]) and torch.equal(nll[s + n :], reference[s + n :])
+    assert not torch.equal(nll[s : s + n], reference[s : s + n])
+
+
+def test_deadline_stops_adaptation(stream, model, monkeypatch):
+    """Past the deadline, the first check (after LORA_CHECK_EVERY steps) stops adaptation and logs it; every document
+    that starts later is scored by fresh, never-updated adapters: exactly the LR 0 scores."""
+    monkeypatch.setattr(tg, "LORA_CHECK_EVERY", 2)
+    nll, lines = run_lora(model, stream, deadline=time.perf_counter() - 1)
+    assert [line for line in lines if line.startswith("ttt_deadline: stopping adaptation after 2 of ")], lines
+    assert any(" adapted 2 " in line for line in lines if line.startswith("ttt documents "))
+    frozen, _ = run_lora(model, stream, lora_args(ttt_lora_lr=0.0))
+    starts, lengths = tg.document_spans(stream, BOS)
+    plan = tg.lora_schedule(starts, lengths, ROWS, CHUNK, SEQ)
+    late = int(plan[2:, :, 0][plan[2:, :, 4] == 1].min())  # first position of the first document started at step 2
+    assert torch.equal(nll[late:], frozen[late:])
+    assert not torch.equal(nll[:late], frozen[:late])
+    adapted, _ = run_lora(model, stream)
+    assert not torch.equal(adapted[late:], frozen[late:])
+
+
+def test_compiles_one_graph_on_random_tokens(stream, model, monkeypatch):
+    """Under torch.compile (dynamic=False; aot_eager on CPU) the warm-up compiles the one graph on random tokens only,
+    before the first validation step; the pass then compiles nothing more, and its scores match the eager pass."""
+    compiled, calls = [], []
+
+    def backend(gm, example_inputs):
+        compiled.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    real_step = tg.lora_step
+    monkeypatch.setattr(tg, "maybe_compile", lambda m, device: torch.compile(m, dynamic=False, backend=backend))
+    monkeypatch.setattr(tg, "lora_step", lambda *a: calls.append((a[2] is tokens, len(compiled))) or real_step(*a))
+    torch._dynamo.reset()
+    tokens = stream
+    nll, _ = run_lora(model, tokens)
+    warm = [n for is_val, n in calls if not is_val]
+    assert len(warm) == 1 and not calls[0][0] and all(is_val for is_val, _ in calls[1:])
+    assert len(compiled) == 1 and {n for is_val, n in calls if is_val} == {1}
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    torch.testing.assert_close(nll, run_lora(model, stream)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_model_is_restored(stream, model):
+    """The pass leaves the model as it found it: plain linear layers, trainable, the same weights."""
+    m = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    tg.evaluate_ttt(m, stream, torch.ones(stream.numel() - 1), lora_args(), runtime(), lambda _: None, 1e18)
+    assert all(type(lin) is torch.nn.Linear for lin in m.blocks.modules() if "Linear" in type(lin).__name__)
+    assert all(p.requires_grad for p in m.parameters())
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
