@@ -3,15 +3,9 @@
     torchrun --standalone --nproc_per_node=8 train_gpt.py        # the contest run (defaults)
     python3 train_gpt.py                                          # one process; CPU works with a tiny config
 
-Every hyperparameter is an environment variable named like its field in `Hyperparameters`.
-The file reads top to bottom in pipeline order:
-
-  1. hyperparameters          6. training loop: Muon + Adam, EMA, wall-clock cap
-  2. runtime and logging      7. quantization: GPTQ int6 / int7, zstd artifact
-  3. data shards              8. evaluation: sliding window, score-first TTT
-  4. bpb accounting           9. main: train -> artifact -> reload -> eval -> submission.json
-  5. model and optimizers
-README.md explains each technique and where it comes from."""
+Every hyperparameter is an environment variable named like its field in `Hyperparameters`. The file reads top to
+bottom in pipeline order, in nine sections (banners `# ---- N.`): hyperparameters, runtime and logging, data, bpb, model
+and optimizers, training, quantization, evaluation, main. README.md explains each technique and where it comes from."""
 from __future__ import annotations
 
 import contextlib
@@ -59,9 +53,8 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 
 @dataclass
 class Hyperparameters:
-    """Every knob of the run. Field `foo_bar` is overridden by environment variable `FOO_BAR`.
-    Defaults are the contest configuration: 8 GPUs x 600 s, 786,432 tokens per step, sp1024.
-    Booleans accept 1/0/true/false. Raises ValueError for unparsable or inconsistent values."""
+    """Every knob of the run; field `foo_bar` is set by environment variable `FOO_BAR` (booleans: 1/0/true/false).
+    Defaults are the contest run (8 GPUs x 600 s). Raises ValueError for unparsable or inconsistent values."""
 
     # data, tokenizer, outputs
     data_path: str = "./data/datasets/fineweb10B_sp1024"
@@ -272,8 +265,7 @@ class Logger:
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place (os.replace): a crash, a kill
-    or a full disk leaves the earlier file or none under `path`, never a truncated one. Raises OSError."""
+    """Write `data` to `path` via a temporary file and os.replace, so no crash leaves it truncated. Raises OSError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -322,8 +314,7 @@ def find_shards(pattern: str) -> list[str]:
 
 
 def open_shard(path: str) -> np.ndarray:
-    """Memory-map one shard's tokens (uint16, read-only) after checking its header and size.
-    Raises ValueError on a short header, wrong magic/version, or a size that disagrees with the header."""
+    """Memory-map a shard's tokens (uint16, read-only); ValueError on a short header, wrong magic/version or size."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS:
         raise ValueError(f"{path}: shorter than the {SHARD_HEADER_BYTES}-byte shard header")
@@ -357,11 +348,9 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> torch
 
 
 class TokenLoader:
-    """Training batches of (seq_len+1)-token blocks, shuffled per epoch, identical for any world size. Each epoch cuts
-    every shard into blocks at a random phase, permutes all blocks with a generator seeded by (seed, epoch) and serves
-    them in order: a step takes the next `seqs_per_rank * world_size` blocks, rank r its own contiguous slice, so ranks
-    read disjoint spans whose union is the one-GPU batch. Shards are memory-mapped; token ids are checked before
-    training. Raises like `open_shard` and `check_token_ids`, or ValueError if the shards hold less than a step."""
+    """Training batches of (seq_len+1)-token blocks, identical for any world size (README: How it works, Data): each
+    epoch cuts the memory-mapped shards at a random phase and permutes the blocks (seed, epoch); rank r reads its slice
+    of a step's blocks. Raises like `open_shard` and `check_token_ids`, or ValueError if the shards hold < a step."""
 
     def __init__(self, pattern: str, seq_len: int, seqs_per_rank: int, rt: Runtime, seed: int, vocab_size: int):
         files = find_shards(pattern)
@@ -416,10 +405,9 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
 
 
 def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, tokenizer_path: str, data_path: str):
-    """ValueError if `sp` re-encodes the decoded text of the first 200 complete documents (BOS to next BOS)
-    of `tokens` into other ids for more than a tenth of them. Catches shards made with another tokenizer of
-    the same vocabulary size (a wrong bpb otherwise: then nearly every document differs) without stopping a
-    run over a rare decode/encode quirk (0 of 7,680 stand-in documents differ, either vocabulary)."""
+    """ValueError if `sp` re-encodes the decoded text of the first 200 complete documents (BOS to next BOS) of `tokens`
+    into other ids for more than a tenth of them: shards of another tokenizer of the same vocabulary size (a wrong bpb)
+    differ in nearly every document, a rare decode/encode quirk passes (0 of 7,680 stand-in documents differ)."""
     bos = np.flatnonzero(tokens == sp.bos_id())[:201]
     docs = [tokens[a + 1 : b].tolist() for a, b in zip(bos[:-1], bos[1:])]
     differ = sum(again != ids for again, ids in zip(sp.encode(sp.decode(docs)), docs))
@@ -429,10 +417,9 @@ def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, 
 
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-token byte rule of the challenge, as arrays indexed by token id.
-    Returns (base_bytes int64, has_leading_space bool, is_boundary bool). Control/unknown/unused tokens are boundaries
-    worth 0 bytes; byte-fallback tokens are 1 byte; other pieces count the UTF-8 bytes of the piece without its leading
-    "▁", which adds one byte unless the previous token is a boundary (so no space is counted right after BOS)."""
+    """The challenge's byte rule per token id -> (base_bytes int64, has_leading_space bool, is_boundary bool): control,
+    unknown and unused tokens are 0-byte boundaries, byte-fallback tokens 1 byte, other pieces their UTF-8 bytes without
+    the leading "▁", which adds one byte unless the previous token is a boundary (none right after BOS)."""
     n = sp.vocab_size()
     base, space, boundary = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     for i in range(n):
@@ -467,10 +454,9 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def doc_segments(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """Document segments of a batch for masked attention: input_ids (B, T) -> cu_seqlens, int32 (S+1,).
-    Offsets into the B*T flattened tokens where a segment starts (every row start and every BOS),
-    then B*T. Its length depends on the data, so it is computed eagerly and marked dynamic: one
-    compiled graph serves every batch (a fixed-size graph would recompile for each document count)."""
+    """Document segments of a batch for masked attention: input_ids (B, T) -> cu_seqlens, int32 (S+1,): offsets into
+    the flattened B*T tokens of every row start and every BOS, then B*T. Computed eagerly and marked dynamic (its length
+    depends on the data), so one compiled graph serves every document count."""
     starts = input_ids == bos_id
     starts[:, 0] = True
     cu = F.pad(starts.flatten().nonzero().flatten(), (0, 1), value=input_ids.numel()).to(torch.int32)
@@ -511,10 +497,9 @@ flash4.register_autograd(  # the backward is flash4 again, on the saved q, k, v,
 
 
 def select_attention(args: Hyperparameters, device: torch.device) -> str:
-    """Route `causal_attention` once, before the model is compiled; returns the routes for the log. auto: FA4 (`flash4`)
-    in the modes FLASH_FASTER names for this GPU if a forward and backward of it runs at the model's shapes (FA4
-    JIT-compiles every kernel of the run here), else PyTorch, reason logged; flash: both modes or RuntimeError; sdpa:
-    PyTorch, nothing imported. FA3 (`flash_attn_interface`) has no pip build and is not routed."""
+    """Route `causal_attention` once, before compiling; returns the routes for the log. auto: FA4 (`flash4`) in the
+    modes FLASH_FASTER names for this GPU if its forward and backward run at the model's shapes (JIT-compiling them),
+    else PyTorch, reason logged; flash: both modes or RuntimeError; sdpa: PyTorch. FA3 has no pip build: not routed."""
     cuda, note = device.type == "cuda", ""
     routes = {"dense": "sdpa", "varlen": "torch varlen_attn" if cuda and varlen_attn else "sdpa(mask)"}
     modes = {"flash": set(routes), "sdpa": set()}.get(args.attention, next(
@@ -541,10 +526,9 @@ def select_attention(args: Hyperparameters, device: torch.device) -> str:
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal GQA attention. q: (B, T, H, D); k, v: (B, T, Hkv, D), H % Hkv == 0 -> (B, T, H, D). With cu_seqlens
-    (`doc_segments`), no token attends across a segment start. FlashAttention where `select_attention` routed the
-    mode (q, k cast to v's dtype: bf16 under autocast); else SDPA (cuDNN preferred on GPU), with cu_seqlens PyTorch's
-    variable-length FlashAttention-2 on GPU, else SDPA with a block-diagonal causal mask (CPU, and tests)."""
+    """Causal GQA attention: q (B, T, H, D), k, v (B, T, Hkv, D), H % Hkv == 0 -> (B, T, H, D); with cu_seqlens
+    (`doc_segments`) no token attends across a segment start. FlashAttention where `select_attention` routed it (q, k
+    cast to v's dtype), else SDPA; with cu_seqlens PyTorch's varlen FlashAttention-2 on GPU, a block mask on CPU."""
     b, t = q.shape[:2]
     if flash := ATTENTION_ROUTES["dense" if cu_seqlens is None else "varlen"]:  # varlen in FA's layout: (B*T, H, D)
         qkv = [x.to(v.dtype) if cu_seqlens is None else x.to(v.dtype).flatten(0, 1) for x in (q, k, v)]
@@ -564,9 +548,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @torch.library.custom_op("train_gpt::embedding_backward", mutates_args=())
 def embedding_backward(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Gradient of an embedding table: rows of `grad` summed by id -> (num_rows, dim).
-    An opaque op so torch.compile calls PyTorch's sort-based kernel: Inductor's own lowering uses
-    atomic adds that serialise on frequent tokens (measured 5 ms per table per step on an H200)."""
+    """Gradient of an embedding table: rows of `grad` summed by id -> (num_rows, dim). Opaque to torch.compile, so
+    PyTorch's sort-based kernel runs, not Inductor's atomic adds (5 ms per table per step on an H200: frequent ids)."""
     return torch.ops.aten.embedding_dense_backward(grad, ids, num_rows, -1, False)
 
 
@@ -593,8 +576,7 @@ class _EmbeddingFunction(torch.autograd.Function):
 
 
 class Rotary(nn.Module):
-    """Partial rotary position embedding (RoPE, Su et al. 2021) on the first `rope_dims` of each head.
-    Partial RoPE (16 of 64 dims) is from the 2026-03-21 record; the rest of the head is position-free."""
+    """RoPE (Su et al. 2021) on the first `rope_dims` dims of each head only (partial RoPE: 2026-03-21 record)."""
 
     def __init__(self, rope_dims: int, base: float, max_len: int):
         super().__init__()
@@ -613,8 +595,7 @@ class Rotary(nn.Module):
 
 
 def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """XSA: remove from each head's output its component along the token's own value vector.
-    y: (B, T, H, D), v: (B, T, Hkv, D). From the XSA records (2026-03-20_11L_XSA4, PR #1019)."""
+    """XSA (2026-03-20_11L_XSA4, PR #1019): y (B, T, H, D) less its part on each token's own value v (B, T, Hkv, D)."""
     b, t, h, d = y.shape
     groups = y.reshape(b, t, v.size(2), h // v.size(2), d)
     v_unit = F.normalize(v, dim=-1).unsqueeze(3)
@@ -664,9 +645,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with a learned mix of the embedding x0 into the residual stream
-    and per-channel output scales; normed inputs are scaled by 1/sqrt(layer+1) (LN scale, 2026-03-21).
-    `attend` and `feed` are its two residual updates; a parallel block runs them on separate lanes."""
+    """Pre-norm block: a learned mix of the embedding x0 into the residual stream, per-channel output scales, normed
+    inputs scaled by 1/sqrt(layer+1) (LN scale, 2026-03-21); `attend` and `feed` are its two residual updates."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, hidden: int, rotary: Rotary,
                  qk_gain_init: float, xsa: bool, attn_gate: bool, layer_idx: int):
@@ -690,10 +670,9 @@ class Block(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Embedding of a hash of the (previous, current) *input* token pair, projected to model_dim.
-    bucket[t] = (36313 * tok[t] XOR 27191 * tok[t-1]) mod (buckets - 1); the reserved last bucket is
-    used at position 0 and at every BOS, so no pair spans a document boundary. Targets are never
-    hashed. From R1 (2026-03-20 record); table zero-initialised, projection orthogonal, scale 0.05."""
+    """Embedding of a hash of the (previous, current) *input* token pair, projected to model_dim (R1, 2026-03-20):
+    bucket[t] = (36313 * tok[t] XOR 27191 * tok[t-1]) mod (buckets - 1), the reserved last bucket at position 0 and
+    every BOS (no pair spans two documents). Table zero-initialised, projection orthogonal, scale 0.05."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
         super().__init__()
@@ -716,9 +695,8 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_t += sigmoid(g) * (x_{t-1} - x_t), a learned per-channel blend with the previous position.
-    The blend is off at position 0 and wherever the current token is BOS, so nothing crosses a
-    document boundary (the BOS fix of R8 / issue #1797). From R1; g starts at 0 (a 50/50 blend)."""
+    """x_t += sigmoid(g) * (x_{t-1} - x_t), a learned per-channel blend with the previous position (R1; g starts at 0),
+    off at position 0 and wherever the current token is BOS (the BOS fix of R8 / issue #1797)."""
 
     def __init__(self, dim: int, bos_id: int):
         super().__init__()
@@ -742,13 +720,12 @@ def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int)
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer with U-Net skips, tied embeddings and a tanh logit softcap. Blocks run in `layer_order`
-    (depth recurrence's extra passes only while `looping`, on from construction if num_loops > 0). The first half of
-    that order (encoder) pushes its outputs; each later step merges in skip_weights[j] * (mirrored encoder output):
-    added, or with skip_gates blended as g x + (1 - g) skip, g = sigmoid(gate) (R7). From block `parallel_start` on
-    (R7's parallel residuals), attention and MLP update two lanes from one stream, merged at the end by a learned
-    weight. With doc_mask, attention never crosses a BOS (pass cu_seqlens from `segments`). input_ids (B, T) int64 ->
-    logits (B, T, V), or with targets (B, T): mean NLL or per-token NLL (B, T) ("none"), in nats."""
+    """Decoder-only transformer with tied embeddings and a tanh logit softcap; blocks run in `layer_order` (the extra
+    passes only while `looping`). U-Net skips: the first half of the passes push outputs, each later one merges the
+    mirrored one in (`merge_skip`: added, or sigmoid-gated with skip_gates, R7); from block `parallel_start` on,
+    attention and MLP update two lanes merged by a learned weight (R7). With doc_mask, pass cu_seqlens from `segments`.
+    input_ids (B, T) int64 -> logits (B, T, V), or with targets (B, T): mean NLL or per-token NLL (B, T) ("none"), in
+    nats."""
 
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: float, rope_dims: int, rope_base: float, qk_gain_init: float, xsa_last_n: int,
@@ -756,7 +733,8 @@ class GPT(nn.Module):
                  max_seq_len: int, bos_id: int, num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
                  doc_mask: bool = False, parallel_start: int = 0, skip_gates: bool = False, attn_gate: bool = False):
         super().__init__()
-        self.logit_softcap, self.bos_id, self.doc_mask, self.parallel_start = logit_softcap, bos_id, doc_mask, parallel_start
+        self.logit_softcap, self.bos_id, self.doc_mask = logit_softcap, bos_id, doc_mask
+        self.parallel_start = parallel_start
         self.orders = {False: list(range(num_layers)), True: layer_order(num_layers, num_loops, loop_start, loop_end)}
         self.looping = num_loops > 0
         rotary = Rotary(rope_dims, rope_base, max_seq_len)
@@ -771,10 +749,7 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(decoder_steps, model_dim)) if skip_gates else None
         self.lane_merge = nn.Parameter(torch.tensor(0.5)) if 0 < parallel_start < num_layers else None
         self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)  # its output is the head's input
-        self._init_weights(tied_embed_init_std)
-
-    def _init_weights(self, embed_std: float) -> None:
-        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
         nn.init.zeros_(self.bigram.embed.weight)
         nn.init.orthogonal_(self.bigram.proj.weight)
         for block in self.blocks:
@@ -784,8 +759,7 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.proj.weight)
 
     def segments(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """cu_seqlens of input_ids' documents (`doc_segments`) if the model masks documents, else None.
-        Call it outside the compiled graph (it reads the data) and pass the result to forward."""
+        """cu_seqlens (`doc_segments`) if the model masks documents, else None; call it outside the compiled graph."""
         return doc_segments(input_ids, self.bos_id) if self.doc_mask else None
 
     def merge_skip(self, j: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -822,10 +796,8 @@ class GPT(nn.Module):
         return nll if reduction == "mean" else nll.view_as(targets)
 
 
-MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
-                "rope_base", "qk_gain_init", "xsa_last_n", "bigram_buckets", "bigram_dim", "logit_softcap",
-                "tied_embed_init_std", "num_loops", "loop_start", "loop_end", "doc_mask", "parallel_start", "skip_gates",
-                "attn_gate")
+# GPT's arguments that are settings, in its signature's order (the artifact's config keeps it)
+MODEL_FIELDS = tuple(k for k in inspect.signature(GPT).parameters if k not in ("max_seq_len", "bos_id"))
 
 
 def model_config(args: Hyperparameters, bos_id: int) -> dict:
@@ -839,8 +811,7 @@ def linear_weights(model: nn.Module) -> list[nn.Parameter]:
 
 
 def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate orthogonalisation U V^T of g (..., m, n) by a quintic Newton-Schulz iteration in bf16.
-    Coefficients (3.4445, -4.7750, 2.0315) from Muon (Jordan et al. 2024, modded-nanogpt)."""
+    """U V^T of g (..., m, n) by quintic Newton-Schulz in bf16, with Muon's coefficients (Jordan et al. 2024)."""
     transposed = g.size(-2) > g.size(-1)
     x = (g.mT if transposed else g).bfloat16()
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
@@ -853,9 +824,8 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024) with decoupled weight decay. Per 2-D parameter:
     buf = momentum*buf + grad; update = NS5(grad + momentum*buf) (Nesterov), scaled by sqrt(max(1, rows/cols));
-    p -= lr*wd*p + lr*update. Equal shapes are orthogonalised in one batched call; with several ranks, rank r does every
-    world_size-th parameter of each shape and one all-reduce shares the updates. row_normalize (MuonEq-R, R7/R8) first
-    scales each row of the Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation."""
+    p -= lr*wd*p + lr*update; row_normalize (MuonEq-R, R7/R8) first scales each row of the Nesterov update to unit norm.
+    Equal shapes go in one batched call; rank r does every world_size-th of each shape, one all-reduce shares them."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, rt: Runtime,
                  row_normalize: bool = False):
@@ -943,8 +913,7 @@ def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
 
 
 def finite_loss(loss: torch.Tensor, step: int, rt: Runtime, weights: list[torch.Tensor] = ()) -> float:
-    """The training loss averaged over ranks; FloatingPointError if it or any of `weights` holds nan/inf. Called
-    where the loss is synced anyway (every LOG_EVERY steps; at the end with the EMA weights)."""
+    """The training loss averaged over ranks (a sync); FloatingPointError if it or any of `weights` holds nan/inf."""
     value = all_reduce(loss.detach().float().clone().to(rt.device), rt).item() / rt.world_size
     bad_weights = not all(bool(w.isfinite().all()) for w in weights)
     if bad_weights or not math.isfinite(value):
@@ -963,8 +932,7 @@ def wrap_for_training(model: GPT, rt: Runtime) -> nn.Module:
 
 def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad_clip_norm: float,
                rt: Runtime) -> torch.Tensor:
-    """One optimizer step over micro-batches [(x, y), ...] (gradient accumulation; DDP syncs on the
-    last one). Returns the mean training loss as a device scalar."""
+    """One optimizer step over micro-batches [(x, y), ...] (DDP syncs on the last) -> mean loss, a device scalar."""
     total = torch.zeros((), device=rt.device)
     for micro, (x, y) in enumerate(batches):
         sync_grads = not rt.distributed or micro == len(batches) - 1
@@ -983,10 +951,9 @@ def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad
 def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, accum: int, log: Logger,
           budget_seconds: float) -> tuple[int, float, EMA]:
     """Train until `budget_seconds` of wall clock (or ITERATIONS); returns (steps, seconds of the timed loop, EMA).
-    Before the clock starts, WARMUP_STEPS full steps on random tokens prime torch.compile, then the model and optimizers
-    are reset to their initial state. The LR warm-down follows the fraction of the budget used; the stop decision is the
-    max over ranks, so every rank stops at the same step. With NUM_LOOPS > 0 the extra passes of depth recurrence start
-    once LOOP_FROM of the budget is used (on the same step on every rank; warm-up compiles both graphs)."""
+    First WARMUP_STEPS steps on random tokens prime torch.compile (both depth-recurrence graphs), then the model and
+    optimizers are reset. The LR warm-down follows the budget fraction used; stopping and the extra passes (from
+    LOOP_FROM of the budget) are decided as the max over ranks, so all ranks switch at the same step."""
     net = wrap_for_training(model, rt)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     warm_opts = build_optimizers(model, args, rt)
@@ -1051,9 +1018,8 @@ ARTIFACT_MAGIC = b"PGOLF-INT-2\n"
 
 
 def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime) -> dict[str, torch.Tensor]:
-    """GPTQ Hessians H = E[x x^T] on training batches, of the inputs of every block linear layer and of
-    the tied output head (the final RMS-normed hidden state, for tok_emb.weight as the head's weight).
-    Returns {weight name: (in_features, in_features) fp32}, averaged over tokens and ranks."""
+    """GPTQ Hessians H = E[x x^T] on training batches of the inputs of every block linear layer and of the tied head
+    (the final normed hidden state, for tok_emb.weight) -> {weight name: (in, in) fp32}, mean over tokens and ranks."""
     sums: dict[str, torch.Tensor] = {}
 
     def accumulate(key: str, x: torch.Tensor) -> None:
@@ -1077,8 +1043,7 @@ def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime)
 
 
 def choose_row_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Per-row scale (fp16-representable) minimising round-to-nearest MSE over clip quantiles.
-    w: (..., rows, cols) fp32 -> (..., rows) fp32. The clip search of GPTQ-lite (R2)."""
+    """GPTQ-lite's clip search (R2): w (..., rows, cols) fp32 -> fp16-exact scales (..., rows) of least rounding MSE."""
     best_scale, best_err = None, torch.full(w.shape[:-1], math.inf, device=w.device)
     for q in CLIP_QUANTILES:
         clip = w.abs().amax(-1) if q == 1.0 else torch.quantile(w.abs(), q, dim=-1)
@@ -1091,10 +1056,9 @@ def choose_row_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int, block: int = 128,
                   damp: float = 0.01) -> torch.Tensor:
-    """GPTQ (Frantar et al., ICLR 2023) with act-order, batched over a leading dimension. w: (L, rows, cols) fp32
-    weights, h: (L, cols, cols) input Hessians, scale: (L, rows) fixed per-row scales. Columns are quantized in order of
-    decreasing Hessian diagonal; each column's rounding error is propagated to the not-yet-quantized columns through the
-    inverse Hessian's Cholesky factor. Returns int8 codes (L, rows, cols) in [-qmax, qmax]."""
+    """GPTQ (Frantar et al., ICLR 2023) with act-order, batched: w (L, rows, cols) fp32, h (L, cols, cols) input
+    Hessians, scale (L, rows) fixed per-row scales -> int8 codes (L, rows, cols) in [-qmax, qmax]. Columns go in order
+    of decreasing Hessian diagonal, each one's rounding error propagated to later ones via inverse-Hessian Cholesky."""
     w, h = w.clone().float(), h.clone().float()
     L, rows, cols = w.shape
     diag = h.diagonal(dim1=-2, dim2=-1)
@@ -1187,10 +1151,9 @@ def quantize_groups(groups: list[MatrixGroup], alpha: float, use_gptq: bool) -> 
 
 def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: dict,
                     max_bytes: int) -> tuple[dict[str, dict], float]:
-    """Quantize so the compressed artifact stays under max_bytes; returns (entries, alpha).
-    Every step size is multiplied by the smallest alpha >= 1 whose estimated size fits: bisection on
-    round-to-nearest codes, then GPTQ at that alpha, raising alpha until the GPTQ codes fit too. Sizes
-    are estimated with zstd level 1, within about 0.3% of level 22 on these codes (hence 0.5% margin)."""
+    """Quantize so the compressed artifact stays under max_bytes -> (entries, alpha): every step size times the smallest
+    alpha >= 1 that fits, by bisection on round-to-nearest codes, then GPTQ at that alpha, raised until its codes fit.
+    Sizes from zstd level 1 (within ~0.3% of level 22 here: 0.5% margin). ValueError if nothing fits."""
     target = int(max_bytes * 0.995)
 
     def size(entries: dict) -> int:
@@ -1243,8 +1206,7 @@ def pack_artifact(config: dict, entries: dict[str, dict]) -> bytes:
 
 
 def unpack_artifact(blob: bytes, source: str = "blob") -> tuple[dict, dict[str, dict]]:
-    """Inverse of pack_artifact -> (model config, entries). ValueError naming `source` (the file) if the
-    blob is truncated or not an artifact."""
+    """Inverse of pack_artifact -> (config, entries); ValueError naming `source` if truncated or not an artifact."""
     try:
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31)
     except zstandard.ZstdError as e:
@@ -1257,7 +1219,8 @@ def unpack_artifact(blob: bytes, source: str = "blob") -> tuple[dict, dict[str, 
     entries: dict[str, dict] = {}
     for t in header["tensors"]:
         arr = np.frombuffer(payload, dtype=np.dtype(t["dtype"]), count=int(np.prod(t["shape"])), offset=t["offset"])
-        entries.setdefault(t["name"], {"kind": t["kind"]})[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]).copy())
+        entry = entries.setdefault(t["name"], {"kind": t["kind"]})
+        entry[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]).copy())
     return header["config"], entries
 
 
@@ -1274,11 +1237,10 @@ def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows covering targets 0..n_targets-1 exactly once, each with at least seq_len-stride context.
-    Window i reads inputs tokens[start_i : start_i + seq_len] and scores its positions >= from_i, i.e. targets start_i +
-    from_i .. start_i + seq_len - 1 (target j is token j+1). The first window scores all of its positions; each later
-    one scores the `stride` targets after the previous. Returns (starts, score_from), int64 tensors of equal length.
-    stride == seq_len gives plain non-overlapping evaluation."""
+    """Windows covering targets 0..n_targets-1 exactly once, each with >= seq_len-stride context -> (starts,
+    score_from), int64 of equal length. Window i reads tokens[start_i : start_i + seq_len] and scores its positions >=
+    from_i (target j is token j+1): the first all of them, each later one the `stride` targets after the previous
+    (stride == seq_len: non-overlapping). ValueError if n_targets < seq_len."""
     if n_targets < seq_len:
         raise ValueError(f"validation has {n_targets} targets, fewer than one {seq_len}-token window")
     firsts = torch.arange(seq_len, n_targets, stride)
@@ -1296,8 +1258,7 @@ class ScoreBoard:
         self.count = torch.zeros(n_targets, device=device, dtype=torch.int32)
 
     def add(self, targets: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Record the NLL of the given target indices (int64 (k,), nll (k,)); with a bool mask (k,) only where it is
-        set (without the host sync of indexing by it)."""
+        """Add nll (k,) at target indices (k,) int64; with a bool mask (k,), only where it is set (no host sync)."""
         nll, ones = (nll.float(), torch.ones_like(targets, dtype=torch.int32)) if mask is None else \
             (torch.where(mask, nll.float(), 0.0), mask.int())
         self.nll.index_put_((targets,), nll, accumulate=True)
@@ -1347,11 +1308,10 @@ def evaluate(model_fn, tokens: torch.Tensor, bytes_per_target: torch.Tensor, str
 
 
 def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime) -> None:
-    """Compile the scoring graph on random tokens (never validation tokens); weights unchanged. The inputs are views of
-    (rows, seq_len + 1) windows, as in score_windows: torch.compile guards on strides, and contiguous inputs compiled
-    graphs that the real passes could not use (measured: 2 extra compilations, ~170 s). TTT compiles its own graph.
-    An eager model_fn (the model itself, as maybe_compile gives on CPU) has nothing to compile: no-op."""
-    if model_fn is model:  # eager (CPU): nothing to compile
+    """Compile the scoring graph on random tokens (never validation tokens); weights unchanged; no-op if model_fn is the
+    eager model (CPU). Inputs are views of (rows, seq_len + 1) windows, as in score_windows: torch.compile guards on
+    strides, and contiguous ones compiled graphs the real passes could not use (2 extra compilations, ~170 s)."""
+    if model_fn is model:
         return
     with torch.inference_mode(), autocast(rt.device):
         x = torch.randint(0, args.vocab_size, (args.eval_batch_seqs, args.train_seq_len + 1), device=rt.device)
@@ -1525,9 +1485,9 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
 
 
 def check_outputs(args: Hyperparameters, log_path: str) -> None:
-    """Pre-flight, before any data is read: create each output's folder, write a scratch file there, require
-    16 MB free; with EVAL_ONLY, refuse a LOG_PATH holding a training log and read the artifact.
-    Raises OSError naming the variable, ValueError or FileNotFoundError."""
+    """Pre-flight, before any data is read: create each output's folder, write a scratch file there, require 16 MB free;
+    with EVAL_ONLY, refuse a LOG_PATH holding a training log and read the artifact. Raises OSError naming the variable,
+    ValueError or FileNotFoundError."""
     outputs = {"LOG_PATH": log_path, "SCORES_PATH": args.scores_path} | (
         {} if args.eval_only else {"ARTIFACT": args.artifact, "SUBMISSION_PATH": args.submission_path})
     for var, path in ((var, path) for var, path in outputs.items() if path):
@@ -1597,16 +1557,22 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     summary: dict = {"seed": args.seed, "world_size": rt.world_size,
                      "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"}
 
-    train_ok = True  # EVAL_ONLY trains nothing
+    def report(label: str, result: tuple, extra: str = "") -> tuple:  # log a final score, keep its bpb for the summary
+        log(f"final {label} val_loss {result[0]:.6f} val_bpb {result[1]:.6f}{extra} "
+            f"eval_time {time.perf_counter() - t_eval:.1f}s")
+        summary[f"{label}_val_bpb"] = round(result[1], 6)
+        return result
+
+    train_ok, t_eval = True, time.perf_counter()  # EVAL_ONLY trains nothing: its evaluation clock starts here
     if not args.eval_only:
-        model = GPT(**model_config(args, sp.bos_id())).to(rt.device)
+        config, max_bytes = model_config(args, sp.bos_id()), ARTIFACT_LIMIT_BYTES - 1 - len(code)  # total < limit
+        model = GPT(**config).to(rt.device)
         log(f"model_params {sum(p.numel() for p in model.parameters())}")
         budget = args.max_wallclock_seconds - args.gptq_reserve_seconds
         steps, loop_seconds, ema = train(args, model, loader, rt, accum, log, budget)
         t_gptq = time.perf_counter()  # GPTQ reads training data, so it counts as training time
         ema.copy_to_model()
         hessians = collect_hessians(model, loader, args.gptq_calib_batches, rt) if args.gptq_calib_batches else {}
-        config, max_bytes = model_config(args, sp.bos_id()), ARTIFACT_LIMIT_BYTES - 1 - len(code)  # total < limit
         if rt.is_main:
             groups, small = matrix_groups(model.state_dict(), hessians), quantize_small_tensors(model.state_dict())
             entries, alpha = quantize_to_fit(groups, small, config, max_bytes)
@@ -1615,7 +1581,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
         train_seconds = loop_seconds + gptq_seconds
         train_ok = train_seconds <= args.max_wallclock_seconds
         log(f"gptq hessians {len(hessians)} calib_batches {args.gptq_calib_batches} gptq_time {gptq_seconds:.1f}s "
-            f"train_seconds {train_seconds:.1f}s (limit {args.max_wallclock_seconds:g}s {'OK' if train_ok else 'OVER'})")
+            f"train_seconds {train_seconds:.1f}s (limit {args.max_wallclock_seconds:g}s "
+            f"{'OK' if train_ok else 'OVER'})")
         summary.update(steps=steps, step_ms=round(1000 * loop_seconds / max(steps, 1), 2),
                        train_seconds=round(train_seconds, 1), train_within_limit=train_ok)
 
@@ -1632,12 +1599,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
         if rt.distributed:
             dist.barrier()
         model_fn = maybe_compile(model, rt.device)  # diagnostic: the float EMA model before quantization
-        loss, bpb, _ = evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt)
-        log(f"final pre_quant val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")
-        summary.update(pre_quant_val_bpb=round(bpb, 6))
+        report("pre_quant", evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt))
         del model, model_fn, ema, hessians
-    else:
-        t_eval = time.perf_counter()
     deadline = t_eval + args.eval_max_seconds
 
     bytes_model, bytes_code = os.path.getsize(args.artifact), len(code)
@@ -1655,16 +1618,12 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     model_fn = maybe_compile(model, rt.device)
     warm_up_eval_graphs(model, model_fn, args, rt)
     log(f"eval_graphs compiled eval_time {time.perf_counter() - t_eval:.1f}s")
-    loss, bpb, board = evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt)
-    log(f"final roundtrip val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")
-    summary.update(roundtrip_val_bpb=round(bpb, 6))
+    report("roundtrip", evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt))
     if args.ttt_enabled:  # TTT scores the sliding windows itself (a plain sliding score: EVAL_ONLY=1 TTT_ENABLED=0)
-        final, (loss, bpb, board) = "ttt", evaluate_ttt(model, val_tokens, bytes_per_target, args, rt, log, deadline)
+        final, result = "ttt", evaluate_ttt(model, val_tokens, bytes_per_target, args, rt, log, deadline)
     else:
-        final, (loss, bpb, board) = "sliding", evaluate(model_fn, val_tokens, bytes_per_target, args.eval_stride, args, rt)
-    log(f"final {final} val_loss {loss:.6f} val_bpb {bpb:.6f} stride {args.eval_stride} "
-        f"eval_time {time.perf_counter() - t_eval:.1f}s")
-    summary[f"{final}_val_bpb"] = round(bpb, 6)
+        final, result = "sliding", evaluate(model_fn, val_tokens, bytes_per_target, args.eval_stride, args, rt)
+    loss, bpb, board = report(final, result, f" stride {args.eval_stride}")
     eval_seconds = time.perf_counter() - t_eval
     eval_ok = eval_seconds <= args.eval_max_seconds
     log(f"eval_seconds {eval_seconds:.1f} (limit {args.eval_max_seconds:g}s {'OK' if eval_ok else 'OVER'})")
