@@ -19,7 +19,6 @@ import datetime
 import difflib
 import glob
 import hashlib
-import heapq
 import importlib.metadata
 import inspect
 import io
@@ -1375,40 +1374,6 @@ def document_spans(tokens: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, tor
     return starts, torch.diff(starts, append=torch.tensor([n]))
 
 
-def lora_schedule(starts: torch.Tensor, lengths: torch.Tensor, shareable: torch.Tensor, rows: int, docs: int,
-                  chunk: int, seq_len: int) -> torch.Tensor:
-    """Packs the windows of up to `docs` documents in flight into `rows` rows of seq_len tokens a step. Documents start
-    in stream order (R6 sorts them by length): a step places the next chunk of each document in flight, oldest first,
-    then starts documents while the next fits. Chunk k of a document of n targets scores its targets k*chunk ..
-    min((k+1)*chunk, n)-1 from its latest <= seq_len tokens up to there. Windows go first-fit into rows; one not at its
-    document's start, or of a document not `shareable` ((D,) bool), takes an empty row: only a BOS separates windows.
-    Returns plan (steps, docs, 7) int64, windows in layout order, then empty slots: first input position, length (0:
-    empty), first scored offset, 1 if trained on (all but a document's last chunk), 1 if it starts a document, offset
-    in the flattened rows * seq_len tokens, adapter slot (`docs`: none)."""
-    chunks, flying, free, nxt, out = ((lengths + chunk - 1) // chunk).tolist(), [], list(range(docs))[::-1], 0, []
-
-    def place(d: int, k: int, slot: int) -> bool:  # chunk k of document d, first-fit into this step's rows
-        hi = min((k + 1) * chunk, int(lengths[d]))
-        w, share = min(hi, seq_len), hi <= seq_len and bool(shareable[d])
-        r = next((r for r, u in enumerate(used) if (u + w <= seq_len if share else u == 0)), None)
-        if r is not None:
-            step.append([int(starts[d]) + hi - w, w, k * chunk - hi + w, int(k < chunks[d] - 1), int(k == 0),
-                         r * seq_len + used[r], slot])
-            used[r] += w
-        return r is not None
-
-    while flying or nxt < len(chunks):
-        used, step = [0] * rows, []
-        for f in flying:  # [document, its next chunk, adapter slot]
-            f[1] += place(*f)
-        while nxt < len(chunks) and free and place(nxt, 0, free[-1]):
-            flying, nxt = flying + [[nxt, 1, free.pop()]], nxt + 1
-        free += [slot for d, k, slot in flying if k == chunks[d]]
-        flying = [f for f in flying if f[1] < chunks[f[0]]]
-        out.append(sorted(step, key=lambda w: w[5]) + [[0, 0, 0, 0, 0, rows * seq_len, docs]] * (docs - len(step)))
-    return torch.tensor(out, dtype=torch.int64).view(-1, docs, 7)
-
-
 @torch.library.custom_op("train_gpt::grouped_mm", mutates_args=())
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """torch._grouped_mm opaque to torch.compile (whose checks admit bf16 only): a (M, K) @ b (S, K, N) -> (M, N), rows
@@ -1441,11 +1406,10 @@ class LoRALinear(nn.Module):
 
 class DocumentLoRA:
     """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) of a frozen model, installed
-    as LoRALinear wrappers until `remove`, for steps of `rows` rows. Each of up to `docs` documents in flight owns a row
-    of `weights` (all its layers' A then B), `v` (Adam's second moments) and `steps`; row `docs` backs empty slots. A
-    step gathers its slots' rows into `slots` (docs, P), whose views are every layer's A, B (`load`), and writes them
-    back (`store`). A fresh row is `init` (A uniform in +-1/sqrt(in) from a fixed seed, B zero; v and steps zero): a
-    document's row is fresh at its first chunk, and is made fresh again when its last chunk is stored."""
+    as LoRALinear wrappers until `remove`, for lora_step's steps of `rows` rows. Each of up to `docs` documents in
+    flight owns a row of `weights` (all its layers' A then B), `v` (Adam's second moments) and `steps`; row `docs`
+    backs empty slots. A step loads its windows' rows into `slots` (docs, P), whose views are every layer's A, B. A
+    fresh row is `init` (A uniform in +-1/sqrt(in) from a fixed seed, B zero; v and steps zero)."""
 
     def __init__(self, model: GPT, rows: int, docs: int, rank: int, device: torch.device):
         self.model, self.layers = model, [(m, name, lin) for block in model.blocks for m in (block.attn, block.mlp)
@@ -1465,23 +1429,6 @@ class DocumentLoRA:
         self.weights, self.v = self.init.repeat(docs + 1, 1), torch.zeros(docs + 1, offset, device=device)
         self.steps = torch.zeros(docs + 1, 1, device=device)
 
-    def load(self, slot: torch.Tensor, ends: torch.Tensor) -> None:
-        """Slot s takes row slot[s] ((S,) int64); ends ((S,) int32): the slots' ends in the flattened rows."""
-        self.slot = slot
-        self.slots.copy_(self.weights[slot])
-        self.offs.copy_(ends)
-
-    def store(self, grads: list[torch.Tensor] | None, train: torch.Tensor, lr: float) -> None:
-        """Write the slots back to their rows: with grads (of `params`) after one Adam step (beta1 0, bias-corrected
-        beta2) where train ((S,) 0/1) is 1; fresh where it is 0 (masked: an empty group's gradient is unspecified)."""
-        on, w, v, n = train.bool()[:, None], self.slots, self.v[self.slot], self.steps[self.slot] + 1
-        if grads is not None:
-            g = torch.cat([x.flatten(1) for x in grads], 1)
-            v = v * LORA_BETA2 + (1 - LORA_BETA2) * g * g
-            w = w - lr * g / ((v / (1 - LORA_BETA2**n)).sqrt() + 1e-8)
-        self.weights[self.slot] = torch.where(on, w, self.init)
-        self.v[self.slot], self.steps[self.slot] = torch.where(on, v, 0.0), torch.where(on, n, 0.0)
-
     def remove(self) -> None:
         for m, name, lin in self.layers:
             setattr(m, name, lin)
@@ -1490,11 +1437,11 @@ class DocumentLoRA:
 
 def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Tensor, width: int, board: ScoreBoard,
               adapting: bool, lr: float) -> None:
-    """One step (plan (S, 7), a step of lora_schedule) on a (lora.rows, width) batch, each window at its offset of the
-    flattened batch, the rest token 0 (after windows: causal attention hides it). Score each window's chunk into board
-    with its document's adapter, then, if adapting, one Adam step per document on the mean loss of its chunk unless it
-    is the last: scores come from this step's forward, before the update that uses them. Attention runs per BOS
-    segment (model.segments), so windows sharing a row never see each other. No host sync."""
+    """One step (plan (S, 7), a step of rank_lora_plan's) on a (lora.rows, width) batch, each window at its offset of
+    the flattened batch, the rest token 0 (after windows: causal attention hides it). Score each window's chunk into
+    board with its document's adapter (lora's rows `slot`, loaded into `slots`), then, if adapting, one Adam step per
+    document on the mean loss of its chunk unless it is the last: scores come from this step's forward, before the
+    update that uses them. Attention runs per BOS segment (model.segments): windows sharing a row never meet."""
     start, length, score_from, train, _, offset, slot = plan.t().contiguous()
     p = torch.arange(lora.rows * width, device=tokens.device)
     s = (torch.searchsorted(offset, p, right=True) - 1).clamp_min(0)  # the window slot of each flattened position
@@ -1502,24 +1449,60 @@ def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Te
     real = i < length[s]
     pos, scored = torch.where(real, start[s] + i, 0), real & (i >= score_from[s])
     x, y = (torch.where(real, tokens[pos + j], 0).view(lora.rows, width) for j in (0, 1))
-    lora.load(slot, torch.cat((offset[1:], p[-1:] + 1)).int())
+    lora.slots.copy_(lora.weights[slot])
+    lora.offs.copy_(torch.cat((offset[1:], p[-1:] + 1)))
     with autocast(tokens.device):
         nll = model_fn(x, y, "none", model_fn.segments(x)).float().flatten()
     board.add(pos, nll.detach(), scored)
-    weight = (scored & train.bool()[s]) / torch.zeros_like(train).index_add_(0, s, scored.long()).clamp_min(1)[s]
-    lora.store(torch.autograd.grad((nll * weight).sum(), lora.params) if adapting else None, train, lr)
+    on, w, v, n = train.bool()[:, None], lora.slots, lora.v[slot], lora.steps[slot] + 1
+    if adapting:  # Adam, beta1 0, bias-corrected beta2; masked: an empty window's gradient is unspecified on GPU
+        weight = (scored & on[s, 0]) / torch.zeros_like(train).index_add_(0, s, scored.long()).clamp_min(1)[s]
+        g = torch.cat([x.flatten(1) for x in torch.autograd.grad((nll * weight).sum(), lora.params)], 1)
+        v = v * LORA_BETA2 + (1 - LORA_BETA2) * g * g
+        w = w - lr * g / ((v / (1 - LORA_BETA2**n)).sqrt() + 1e-8)
+    lora.weights[slot] = torch.where(on, w, lora.init)  # a document's last chunk (or an empty slot): fresh again
+    lora.v[slot], lora.steps[slot] = torch.where(on, v, 0.0), torch.where(on, n, 0.0)
 
 
 def rank_lora_plan(tokens: torch.Tensor, model: GPT, args: Hyperparameters, rt: Runtime) -> tuple[torch.Tensor, ...]:
-    """This rank's TTT work: its consecutive documents of the stream (balanced across ranks by chunk count), as a
-    bool mask over document_spans' documents, and their lora_schedule plan (steps, TTT_LORA_DOCS, 7) on CPU; windows
-    share rows only under the model's document mask (doc_mask), and only those starting at a BOS (its bos_id)."""
+    """This rank's TTT work: its consecutive documents of the stream (balanced across ranks by chunk count: a bool
+    mask over document_spans'), up to TTT_LORA_DOCS in flight, their windows packed into TTT_LORA_ROWS rows of
+    TRAIN_SEQ_LEN tokens a step. Documents start in stream order (R6 sorts them by length): a step places the next
+    chunk of each document in flight, oldest first, then starts documents while the next fits. Chunk k of a document
+    of n targets scores its targets k*chunk .. min((k+1)*chunk, n)-1 from its latest <= TRAIN_SEQ_LEN tokens up to
+    there. Windows go first-fit into rows; one not at its document's start, or not at a BOS (model.bos_id), or any
+    without the model's doc_mask, takes an empty row: only a BOS separates windows. Returns (mask, plan (steps,
+    TTT_LORA_DOCS, 7) int64 on CPU: a step's windows in layout order, then empty slots: first input position, length
+    (0: empty), first scored offset, 1 if trained on (all but a document's last chunk), 1 if it starts a document,
+    offset in the flattened rows x TRAIN_SEQ_LEN tokens, adapter slot (TTT_LORA_DOCS: none))."""
+    chunk, rows, docs, seq_len = args.ttt_lora_chunk, args.ttt_lora_rows, args.ttt_lora_docs, args.train_seq_len
     starts, lengths = document_spans(tokens, model.bos_id)
-    chunks = (lengths + args.ttt_lora_chunk - 1) // args.ttt_lora_chunk
+    chunks = (lengths + chunk - 1) // chunk
     mine = (chunks.cumsum(0) - chunks) * rt.world_size // chunks.sum() == rt.rank
-    shareable = (tokens[starts[mine].to(tokens.device)] == model.bos_id).cpu() & model.doc_mask
-    return mine, lora_schedule(starts[mine], lengths[mine], shareable, args.ttt_lora_rows, args.ttt_lora_docs,
-                               args.ttt_lora_chunk, args.train_seq_len)
+    share = ((tokens[starts.to(tokens.device)] == model.bos_id).cpu() & model.doc_mask)[mine].tolist()
+    starts, lengths, chunks = starts[mine].tolist(), lengths[mine].tolist(), chunks[mine].tolist()
+    flying, free, nxt, out = [], list(range(docs))[::-1], 0, []
+
+    def place(d: int, k: int, slot: int) -> bool:  # chunk k of document d, first-fit into this step's rows
+        hi = min((k + 1) * chunk, lengths[d])
+        w, shared = min(hi, seq_len), hi <= seq_len and share[d]
+        r = next((r for r, u in enumerate(used) if (u + w <= seq_len if shared else u == 0)), None)
+        if r is not None:
+            step.append([starts[d] + hi - w, w, k * chunk - hi + w, int(k < chunks[d] - 1), int(k == 0),
+                         r * seq_len + used[r], slot])
+            used[r] += w
+        return r is not None
+
+    while flying or nxt < len(chunks):
+        used, step = [0] * rows, []
+        for f in flying:  # [document, its next chunk, adapter slot]
+            f[1] += place(*f)
+        while nxt < len(chunks) and free and place(nxt, 0, free[-1]):
+            flying, nxt = flying + [[nxt, 1, free.pop()]], nxt + 1
+        free += [slot for d, k, slot in flying if k == chunks[d]]
+        flying = [f for f in flying if f[1] < chunks[f[0]]]
+        out.append(sorted(step, key=lambda w: w[5]) + [[0, 0, 0, 0, 0, rows * seq_len, docs]] * (docs - len(step)))
+    return mine, torch.tensor(out, dtype=torch.int64).view(-1, docs, 7)
 
 
 def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters, rt: Runtime,

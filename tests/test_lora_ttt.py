@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
+import types
 
 import pytest
 import torch
@@ -68,8 +69,8 @@ def test_document_spans_partition_targets(stream):
 
 
 def schedule(stream):
-    starts, lengths = tg.document_spans(stream, BOS)
-    return tg.lora_schedule(starts, lengths, stream[starts] == BOS, ROWS, DOCS, CHUNK, SEQ)
+    """rank_lora_plan's plan of the whole stream (one rank) under the document mask."""
+    return tg.rank_lora_plan(stream, types.SimpleNamespace(bos_id=BOS, doc_mask=True), lora_args(), runtime())[1]
 
 
 def test_schedule_keeps_stream_order_and_covers_every_target_once(stream):
