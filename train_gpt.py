@@ -13,7 +13,6 @@ import datetime
 import difflib
 import glob
 import hashlib
-import heapq
 import importlib.metadata
 import inspect
 import io
@@ -123,8 +122,9 @@ class Hyperparameters:
     ttt_enabled: bool = True  # per-document LoRA TTT (R6/R7); 0: the plain sliding pass is the final score
     ttt_lora_rank: int = 32
     ttt_lora_lr: float = 3e-4  # Adam with beta1 0, beta2 0.999 (R6/R7), one state per document
-    ttt_lora_chunk: int = 96  # targets of a document scored, then trained on, per step
-    ttt_lora_docs: int = 64  # documents adapted side by side (batch rows of TRAIN_SEQ_LEN tokens)
+    ttt_lora_chunk: int = 48  # targets of a document scored, then trained on, per step
+    ttt_lora_rows: int = 32  # batch rows of TRAIN_SEQ_LEN tokens a step, documents' windows packed into them
+    ttt_lora_docs: int = 96  # most documents in flight (each one adapter and one window a step)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> tuple["Hyperparameters", dict[str, str]]:
@@ -142,7 +142,8 @@ class Hyperparameters:
         """Raise ValueError naming the first inconsistent setting."""
         positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "train_batch_tokens", "train_seq_len", "micro_batch_tokens", "eval_stride", "eval_batch_seqs",
-                    "log_every", "iterations", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_docs")
+                    "log_every", "iterations", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_docs",
+                    "ttt_lora_rows")
         for name in positive + ("matrix_lr", "embed_lr", "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm",
                                 "grad_accum_steps", "gptq_calib_batches", "warmup_steps", "ttt_lora_lr"):
             value = getattr(self, name)
@@ -1327,77 +1328,60 @@ def document_spans(tokens: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, tor
     return starts, torch.diff(starts, append=torch.tensor([n]))
 
 
-def lora_schedule(starts: torch.Tensor, lengths: torch.Tensor, rows: int, chunk: int, seq_len: int) -> torch.Tensor:
-    """Which chunk of which document each of `rows` batch rows processes at each step. Documents start in stream order,
-    never reordered (R6 sorts them by length): the first `rows` start together, then each takes the row that frees first
-    (lowest index on ties), so no row waits for the longest document of a group. Chunk k of a document of n targets
-    scores targets k*chunk .. min((k+1)*chunk, n)-1 of it, reading the document's latest <= seq_len tokens up to its
-    end. Returns plan (steps, rows, 5) int64: the window's first input position, its length (0: idle row), its first
-    scored offset, 1 if the step trains on the chunk (all but a document's last), 1 if the row starts a document."""
-    chunks, free, first, row = (lengths + chunk - 1) // chunk, [(0, r) for r in range(rows)], [], []
-    for c in chunks.tolist():
-        t, r = heapq.heappop(free)
-        first.append(t)
-        row.append(r)
-        heapq.heappush(free, (t + c, r))
-    doc = torch.repeat_interleave(torch.arange(len(chunks)), chunks)
-    k = torch.arange(len(doc)) - torch.repeat_interleave(chunks.cumsum(0) - chunks, chunks)
-    hi = torch.minimum((k + 1) * chunk, lengths[doc])
-    lo, step = (hi - seq_len).clamp_min(0), torch.tensor(first, dtype=torch.int64)[doc] + k
-    plan = torch.zeros(int(step.max()) + 1 if len(doc) else 0, rows, 5, dtype=torch.int64)
-    plan[step, torch.tensor(row, dtype=torch.int64)[doc]] = torch.stack(
-        (starts[doc] + lo, hi - lo, k * chunk - lo, (k < chunks[doc] - 1).long(), (k == 0).long()), 1)
-    return plan
+@torch.library.custom_op("train_gpt::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm opaque to torch.compile (whose checks admit bf16 only): a (M, K) @ b (S, K, N) -> (M, N), rows
+    ..offs[s]-1 times b[s] (offs (S,) int32 group ends); or a (K, M) @ b (M, N) -> (S, K, N), per group of M."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+grouped_mm.register_fake(lambda a, b, offs: a.new_empty(a.size(0), b.size(-1)) if b.dim() == 3 else
+                         a.new_empty(offs.size(0), a.size(0), b.size(1)))
+grouped_mm.register_autograd(  # of the (M, K) x (S, K, N) form: dA = dY B_s^T, dB_s = A^T dY per group
+    lambda ctx, g: (grouped_mm(g.contiguous(), ctx.saved_tensors[1].transpose(1, 2), ctx.saved_tensors[2]),
+                    grouped_mm(ctx.saved_tensors[0].t(), g.contiguous(), ctx.saved_tensors[2]), None),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus one adapter per batch row (LoRA, Hu et al. 2021): x (G, T, in) -> base(x) + (x @ a_g)
-    @ b_g with a (G, in, r), b (G, r, out); `lora_step`'s learning rate absorbs LoRA's alpha / r."""
+    """A frozen linear layer plus per-window adapters (LoRA, Hu et al. 2021): x (R, T, in) -> base(x) + (x_s @ a[s]) @
+    b[s] for the tokens of slot s (a (S, in, r), b (S, r, out); offs: lora_step's slot ends in the flattened R*T)."""
 
-    def __init__(self, base: nn.Linear, a: nn.Parameter, b: nn.Parameter):
+    def __init__(self, base: nn.Linear, a: nn.Parameter, b: nn.Parameter, offs: torch.Tensor):
         super().__init__()
         self.base, self.a, self.b = base, a, b
+        self.register_buffer("offs", offs, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.a) @ self.b
+        y = self.base(x)  # bf16 under autocast: the grouped GPU kernel's dtype (fp32 on CPU)
+        h = grouped_mm(x.flatten(0, -2).to(y.dtype), self.a.to(y.dtype), self.offs)
+        return y + grouped_mm(h, self.b.to(y.dtype), self.offs).view_as(y)
 
 
 class DocumentLoRA:
-    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) of a frozen model, one per
-    batch row, installed as LoRALinear wrappers until `remove`. All layers' A then B of row g are views of row g of one
-    (G, P) tensor, as are Adam's second moments, so resetting or updating rows is one masked op over all layers. A
-    fresh adapter is `init`: A uniform in +-1/sqrt(in) from a fixed seed (the same for every document), B zero."""
+    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) of a frozen model, installed
+    as LoRALinear wrappers until `remove`, for lora_step's steps of `rows` rows. Each of up to `docs` documents in
+    flight owns a row of `weights` (all its layers' A then B), `v` (Adam's second moments) and `steps`; row `docs`
+    backs empty slots. A step loads its windows' rows into `slots` (docs, P), whose views are every layer's A, B. A
+    fresh row is `init` (A uniform in +-1/sqrt(in) from a fixed seed, B zero; v and steps zero)."""
 
-    def __init__(self, model: GPT, rows: int, rank: int, device: torch.device):
+    def __init__(self, model: GPT, rows: int, docs: int, rank: int, device: torch.device):
         self.model, self.layers = model, [(m, name, lin) for block in model.blocks for m in (block.attn, block.mlp)
                                           for name, lin in m.named_children() if isinstance(lin, nn.Linear)]
         model.requires_grad_(False)
         sizes = [(lin.in_features * rank, rank * lin.out_features) for _, _, lin in self.layers]
-        self.weights = torch.zeros(rows, sum(map(sum, sizes)), device=device)
-        self.v, self.steps = torch.zeros_like(self.weights), torch.zeros(rows, 1, device=device)
-        self.params, init, offset = [], [], 0
+        self.rows, self.slots = rows, torch.zeros(docs, sum(map(sum, sizes)), device=device)
+        self.offs, self.params, init, offset = torch.zeros(docs, dtype=torch.int32, device=device), [], [], 0
         gen = torch.Generator().manual_seed(0)
         for (m, name, lin), (size_a, size_b) in zip(self.layers, sizes):
-            a = nn.Parameter(self.weights[:, offset : offset + size_a].view(rows, lin.in_features, rank))
-            b = nn.Parameter(self.weights[:, offset + size_a : offset + size_a + size_b].view(rows, rank, -1))
-            setattr(m, name, LoRALinear(lin, a, b))
+            a = nn.Parameter(self.slots[:, offset : offset + size_a].view(docs, lin.in_features, rank))
+            b = nn.Parameter(self.slots[:, offset + size_a : offset + size_a + size_b].view(docs, rank, -1))
+            setattr(m, name, LoRALinear(lin, a, b, self.offs))
             init += [(torch.rand(size_a, generator=gen) * 2 - 1) * lin.in_features**-0.5, torch.zeros(size_b)]
             self.params, offset = self.params + [a, b], offset + size_a + size_b
         self.init = torch.cat(init).to(device)
-
-    def reset(self, rows: torch.Tensor) -> None:
-        """Fresh adapters and Adam state for the rows where `rows` (G,) bool is set."""
-        self.weights.copy_(torch.where(rows[:, None], self.init, self.weights))
-        self.v.masked_fill_(rows[:, None], 0.0)
-        self.steps.masked_fill_(rows[:, None], 0.0)
-
-    def update(self, grads: list[torch.Tensor], train: torch.Tensor, lr: float) -> None:
-        """One Adam step (beta1 0, bias-corrected beta2) per row, rows counted by train (G,) 0/1."""
-        g = torch.cat([x.flatten(1) for x in grads], 1)
-        self.steps += train[:, None]
-        self.v.mul_(LORA_BETA2).addcmul_(g, g, value=1 - LORA_BETA2)
-        v_hat = self.v / (1 - LORA_BETA2**self.steps).clamp_min(1 - LORA_BETA2)
-        self.weights.sub_(lr * g / (v_hat.sqrt() + 1e-8))
+        self.weights, self.v = self.init.repeat(docs + 1, 1), torch.zeros(docs + 1, offset, device=device)
+        self.steps = torch.zeros(docs + 1, 1, device=device)
 
     def remove(self) -> None:
         for m, name, lin in self.layers:
@@ -1407,53 +1391,93 @@ class DocumentLoRA:
 
 def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Tensor, width: int, board: ScoreBoard,
               adapting: bool, lr: float) -> None:
-    """One step of every row (plan (G, 5) as in lora_schedule): reset the rows that start a document, score each row's
-    chunk into board, then, if adapting, one Adam step per row on the mean loss of its chunk unless that is its
-    document's last. The scores come from this step's forward, before the update that uses them. Each window sits at
-    the start of a (G, width) row padded with token 0 (causal attention: padding never reaches it); no host sync."""
-    start, length, score_from, train, reset = plan.unbind(1)
-    i = torch.arange(width, device=tokens.device)
-    real = i < length[:, None]
-    pos = torch.where(real, start[:, None] + i, 0)
-    x, y = torch.where(real, tokens[pos], 0), torch.where(real, tokens[pos + 1], 0)
-    scored = real & (i >= score_from[:, None])
-    lora.reset(reset.bool())
+    """One step (plan (S, 7), a step of rank_lora_plan's) on a (lora.rows, width) batch, each window at its offset of
+    the flattened batch, the rest token 0 (after windows: causal attention hides it). Score each window's chunk into
+    board with its document's adapter (lora's rows `slot`, loaded into `slots`), then, if adapting, one Adam step per
+    document on the mean loss of its chunk unless it is the last: scores come from this step's forward, before the
+    update that uses them. Attention runs per BOS segment (model.segments): windows sharing a row never meet."""
+    start, length, score_from, train, _, offset, slot = plan.t().contiguous()
+    p = torch.arange(lora.rows * width, device=tokens.device)
+    s = (torch.searchsorted(offset, p, right=True) - 1).clamp_min(0)  # the window slot of each flattened position
+    i = p - offset[s]
+    real = i < length[s]
+    pos, scored = torch.where(real, start[s] + i, 0), real & (i >= score_from[s])
+    x, y = (torch.where(real, tokens[pos + j], 0).view(lora.rows, width) for j in (0, 1))
+    lora.slots.copy_(lora.weights[slot])
+    lora.offs.copy_(torch.cat((offset[1:], p[-1:] + 1)))
     with autocast(tokens.device):
-        nll = model_fn(x, y, "none").float()
-    board.add(pos.flatten(), nll.detach().flatten(), scored.flatten())
-    if adapting:
-        weight = (scored & train.bool()[:, None]) / scored.sum(1, keepdim=True).clamp_min(1)
-        lora.update(torch.autograd.grad((nll * weight).sum(), lora.params), train, lr)
+        nll = model_fn(x, y, "none", model_fn.segments(x)).float().flatten()
+    board.add(pos, nll.detach(), scored)
+    on, w, v, n = train.bool()[:, None], lora.slots, lora.v[slot], lora.steps[slot] + 1
+    if adapting:  # Adam, beta1 0, bias-corrected beta2; masked: an empty window's gradient is unspecified on GPU
+        weight = (scored & on[s, 0]) / torch.zeros_like(train).index_add_(0, s, scored.long()).clamp_min(1)[s]
+        g = torch.cat([x.flatten(1) for x in torch.autograd.grad((nll * weight).sum(), lora.params)], 1)
+        v = v * LORA_BETA2 + (1 - LORA_BETA2) * g * g
+        w = w - lr * g / ((v / (1 - LORA_BETA2**n)).sqrt() + 1e-8)
+    lora.weights[slot] = torch.where(on, w, lora.init)  # a document's last chunk (or an empty slot): fresh again
+    lora.v[slot], lora.steps[slot] = torch.where(on, v, 0.0), torch.where(on, n, 0.0)
 
 
-def rank_lora_plan(tokens: torch.Tensor, bos_id: int, args: Hyperparameters,
-                   rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's TTT work: its consecutive documents of the stream (balanced across ranks by chunk count), as a
-    bool mask over document_spans' documents, and their lora_schedule plan (steps, TTT_LORA_DOCS, 5) on CPU."""
-    starts, lengths = document_spans(tokens, bos_id)
-    chunks = (lengths + args.ttt_lora_chunk - 1) // args.ttt_lora_chunk
+def rank_lora_plan(tokens: torch.Tensor, model: GPT, args: Hyperparameters, rt: Runtime) -> tuple[torch.Tensor, ...]:
+    """This rank's TTT work: its consecutive documents of the stream (balanced across ranks by chunk count: a bool
+    mask over document_spans'), up to TTT_LORA_DOCS in flight, their windows packed into TTT_LORA_ROWS rows of
+    TRAIN_SEQ_LEN tokens a step. Documents start in stream order (R6 sorts them by length): a step places the next
+    chunk of each document in flight, oldest first, then starts documents while the next fits. Chunk k of a document
+    of n targets scores its targets k*chunk .. min((k+1)*chunk, n)-1 from its latest <= TRAIN_SEQ_LEN tokens up to
+    there. Windows go first-fit into rows; one not at its document's start, or not at a BOS (model.bos_id), or any
+    without the model's doc_mask, takes an empty row: only a BOS separates windows. Returns (mask, plan (steps,
+    TTT_LORA_DOCS, 7) int64 on CPU: a step's windows in layout order, then empty slots: first input position, length
+    (0: empty), first scored offset, 1 if trained on (all but a document's last chunk), 1 if it starts a document,
+    offset in the flattened rows x TRAIN_SEQ_LEN tokens, adapter slot (TTT_LORA_DOCS: none))."""
+    chunk, rows, docs, seq_len = args.ttt_lora_chunk, args.ttt_lora_rows, args.ttt_lora_docs, args.train_seq_len
+    starts, lengths = document_spans(tokens, model.bos_id)
+    chunks = (lengths + chunk - 1) // chunk
     mine = (chunks.cumsum(0) - chunks) * rt.world_size // chunks.sum() == rt.rank
-    return mine, lora_schedule(starts[mine], lengths[mine], args.ttt_lora_docs, args.ttt_lora_chunk, args.train_seq_len)
+    share = ((tokens[starts.to(tokens.device)] == model.bos_id).cpu() & model.doc_mask)[mine].tolist()
+    starts, lengths, chunks = starts[mine].tolist(), lengths[mine].tolist(), chunks[mine].tolist()
+    flying, free, nxt, out = [], list(range(docs))[::-1], 0, []
+
+    def place(d: int, k: int, slot: int) -> bool:  # chunk k of document d, first-fit into this step's rows
+        hi = min((k + 1) * chunk, lengths[d])
+        w, shared = min(hi, seq_len), hi <= seq_len and share[d]
+        r = next((r for r, u in enumerate(used) if (u + w <= seq_len if shared else u == 0)), None)
+        if r is not None:
+            step.append([starts[d] + hi - w, w, k * chunk - hi + w, int(k < chunks[d] - 1), int(k == 0),
+                         r * seq_len + used[r], slot])
+            used[r] += w
+        return r is not None
+
+    while flying or nxt < len(chunks):
+        used, step = [0] * rows, []
+        for f in flying:  # [document, its next chunk, adapter slot]
+            f[1] += place(*f)
+        while nxt < len(chunks) and free and place(nxt, 0, free[-1]):
+            flying, nxt = flying + [[nxt, 1, free.pop()]], nxt + 1
+        free += [slot for d, k, slot in flying if k == chunks[d]]
+        flying = [f for f in flying if f[1] < chunks[f[0]]]
+        out.append(sorted(step, key=lambda w: w[5]) + [[0, 0, 0, 0, 0, rows * seq_len, docs]] * (docs - len(step)))
+    return mine, torch.tensor(out, dtype=torch.int64).view(-1, docs, 7)
 
 
 def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters, rt: Runtime,
                  log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
     """Score-first per-document LoRA TTT (R6 PR #1667 / R7 PR #1530): every target is scored once, before any update
-    that used it, and no document's score depends on another (fresh adapters per document; each row holds one).
-    Each rank takes consecutive documents (balanced by chunk count) and runs them TTT_LORA_DOCS at a time
-    (lora_schedule); the graph is compiled first on random tokens, never validation tokens. If the projected time
-    passes `deadline` (perf_counter s), adapting stops and the remaining steps only score (logged). No collective
+    that used it, and no document's score depends on another (fresh adapters per document, attention and adapters per
+    window). Each rank takes consecutive documents (rank_lora_plan) and runs up to TTT_LORA_DOCS at a time, packed into
+    TTT_LORA_ROWS rows a step; the graph is compiled first on random tokens, never validation tokens. If the projected
+    time passes `deadline` (perf_counter s), adapting stops and the remaining steps only score (logged). No collective
     runs between steps, so ranks never wait for each other until the final all-reduce."""
-    n, device, rows, width = tokens.numel() - 1, rt.device, args.ttt_lora_docs, args.train_seq_len
-    mine, plan = rank_lora_plan(tokens, model.bos_id, args, rt)
+    n, device, rows, docs, width = tokens.numel() - 1, rt.device, args.ttt_lora_rows, args.ttt_lora_docs, \
+        args.train_seq_len
+    mine, plan = rank_lora_plan(tokens, model, args, rt)
     plan = plan.to(device)
-    board, lora, steps = ScoreBoard(n, device), DocumentLoRA(model, rows, args.ttt_lora_rank, device), len(plan)
+    board, lora, steps = ScoreBoard(n, device), DocumentLoRA(model, rows, docs, args.ttt_lora_rank, device), len(plan)
     try:
         model_fn, adapting, adapted = maybe_compile(model, device), True, 0
-        noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)  # compile warm-up
-        fake = torch.tensor([[r * width, width, 0, 1, 1] for r in range(rows)], device=device)
+        noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)  # compile warm-up:
+        fake = [[r * width, width, 0, 0, 1, r * width, r] for r in range(min(rows, docs))]  # untrained, stays fresh
+        fake = torch.tensor(fake + [[0, 0, 0, 0, 0, rows * width, docs]] * (docs - len(fake)), device=device)
         lora_step(model_fn, lora, noise, fake, width, ScoreBoard(rows * width, device), True, args.ttt_lora_lr)
-        lora.reset(torch.ones(rows, dtype=torch.bool, device=device))
         synchronize(device)
         t0 = time.perf_counter()
         for t in range(steps):
@@ -1470,7 +1494,7 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
     finally:
         lora.remove()
     loss, bpb = board.finalize(bytes_per_target, rt)
-    log(f"ttt documents {int(mine.sum())} of {len(mine)} steps {steps} adapted {adapted} rows {rows} "
+    log(f"ttt documents {int(mine.sum())} of {len(mine)} steps {steps} adapted {adapted} rows {rows} docs {docs} "
         f"time {time.perf_counter() - t0:.1f}s")
     return loss, bpb, board
 
