@@ -249,6 +249,21 @@ def maybe_compile(module, device: torch.device):
     return torch.compile(module, dynamic=False) if device.type == "cuda" else module
 
 
+@contextlib.contextmanager
+def compiled_blocks(model: nn.Module, device: torch.device):
+    """Regional compilation (https://docs.pytorch.org/tutorials/recipes/regional_compilation.html): inside the context
+    each Block's `attend` and `feed` are compiled in place (maybe_compile) and the rest of the model's forward runs
+    eager. The blocks share one compiled code (their parameters and buffers are graph inputs), so a graph of 14 block
+    passes compiles as a few small graphs: bench/lora_compile.py measures it against compiling the whole model."""
+    for block in model.blocks:
+        block.attend, block.feed = maybe_compile(block.attend, device), maybe_compile(block.feed, device)
+    try:
+        yield model
+    finally:
+        for block in model.blocks:
+            del block.attend, block.feed
+
+
 class Logger:
     """Prints on rank 0 and appends every line to the log file (truncated when made: after main()'s input checks)."""
 
@@ -645,7 +660,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm block: a learned mix of the embedding x0 into the residual stream, per-channel output scales, normed
-    inputs scaled by 1/sqrt(layer+1) (LN scale, 2026-03-21); `attend` and `feed` are its two residual updates."""
+    inputs scaled by 1/sqrt(layer+1) (LN scale, 2026-03-21); `attend` and `feed` are its two residual updates. The
+    scale is a buffer, not a float, so that every block runs the same compiled code (compiled_blocks)."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, hidden: int, rotary: Rotary,
                  qk_gain_init: float, xsa: bool, attn_gate: bool, layer_idx: int):
@@ -654,7 +670,7 @@ class Block(nn.Module):
         self.mlp = MLP(dim, hidden)
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
-        self.ln_scale = 1.0 / math.sqrt(layer_idx + 1)
+        self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(layer_idx + 1)), persistent=False)
 
     def attend(self, x: torch.Tensor, x0: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
@@ -1472,25 +1488,26 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
     mine, plan = rank_lora_plan(tokens, model, args, rt)
     plan = plan.to(device)
     board, lora, steps = ScoreBoard(n, device), DocumentLoRA(model, rows, docs, args.ttt_lora_rank, device), len(plan)
+    noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)  # compile warm-up:
+    fake = [[r * width, width, 0, 0, 1, r * width, r] for r in range(min(rows, docs))]  # untrained, stays fresh
+    fake = torch.tensor(fake + [[0, 0, 0, 0, 0, rows * width, docs]] * (docs - len(fake)), device=device)
+    adapting, adapted = True, 0
     try:
-        model_fn, adapting, adapted = maybe_compile(model, device), True, 0
-        noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)  # compile warm-up:
-        fake = [[r * width, width, 0, 0, 1, r * width, r] for r in range(min(rows, docs))]  # untrained, stays fresh
-        fake = torch.tensor(fake + [[0, 0, 0, 0, 0, rows * width, docs]] * (docs - len(fake)), device=device)
-        lora_step(model_fn, lora, noise, fake, width, ScoreBoard(rows * width, device), True, args.ttt_lora_lr)
-        synchronize(device)
-        t0 = time.perf_counter()
-        for t in range(steps):
-            if adapting and t and t % LORA_CHECK_EVERY == 0:
-                synchronize(device)
-                now = time.perf_counter()
-                if now + (now - t0) / t * (LORA_CHECK_EVERY + LORA_SCORE_COST * (steps - t)) > deadline:
-                    adapting = False
-                    log(f"ttt_deadline: stopping adaptation after {t} of {steps} steps; the rest are scored "
-                        f"without training (EVAL_MAX_SECONDS={args.eval_max_seconds})")
-            lora_step(model_fn, lora, tokens, plan[t], width, board, adapting, args.ttt_lora_lr)
-            adapted += adapting
-        synchronize(device)
+        with compiled_blocks(model, device) as model_fn:
+            lora_step(model_fn, lora, noise, fake, width, ScoreBoard(rows * width, device), True, args.ttt_lora_lr)
+            synchronize(device)
+            t0 = time.perf_counter()
+            for t in range(steps):
+                if adapting and t and t % LORA_CHECK_EVERY == 0:
+                    synchronize(device)
+                    now = time.perf_counter()
+                    if now + (now - t0) / t * (LORA_CHECK_EVERY + LORA_SCORE_COST * (steps - t)) > deadline:
+                        adapting = False
+                        log(f"ttt_deadline: stopping adaptation after {t} of {steps} steps; the rest are scored "
+                            f"without training (EVAL_MAX_SECONDS={args.eval_max_seconds})")
+                lora_step(model_fn, lora, tokens, plan[t], width, board, adapting, args.ttt_lora_lr)
+                adapted += adapting
+            synchronize(device)
     finally:
         lora.remove()
     loss, bpb = board.finalize(bytes_per_target, rt)

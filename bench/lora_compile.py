@@ -1,7 +1,7 @@
-"""bench/lora_compile.py: what compiling the LoRA TTT graph costs, whole model (today's evaluate_ttt: maybe_compile of
-the GPT) against per block ("regional" compilation: each Block compiled in place, the rest eager; PyTorch's recipe
-for repeated layers, https://docs.pytorch.org/tutorials/recipes/regional_compilation.html). The 8xH100 projection of
-the committed file spends 67 s compiling that graph (of 423 s), so this decides whether regional compilation pays.
+"""bench/lora_compile.py: what compiling the LoRA TTT graph costs, per block ("regional" compilation, as
+train_gpt.evaluate_ttt does: compiled_blocks, PyTorch's recipe for repeated layers,
+https://docs.pytorch.org/tutorials/recipes/regional_compilation.html) against the whole model (torch.compile of the
+GPT, as the file did before). The 8xH100 projection of code 0510a131 spent 67 s of 423 s compiling that graph whole.
 
 Each mode runs train_gpt.evaluate_ttt itself, in its own process with an empty Inductor cache (a fresh contest
 machine), on the first --tokens validation tokens, and prints: seconds before the first step (set-up + compile +
@@ -10,6 +10,7 @@ warm-up), ms per step after it, graphs compiled, and the pass's val_loss (the mo
     DATA_PATH=data/bench_sp1024 python3 bench/lora_compile.py [--artifact final_model.int6.ptz] [--tokens 400000]
     (model settings from the artifact, else the defaults or the environment's, randomly initialised)"""
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -23,20 +24,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
 
-MODES = ("model", "blocks")
+MODES = ("blocks", "model")
 
 
-def whole_compile(model: tg.GPT, device: torch.device) -> tg.GPT:
-    """train_gpt's maybe_compile, on CPU too (--force-compile)."""
-    return torch.compile(model, dynamic=False)
-
-
-def regional_compile(model: tg.GPT, device: torch.device) -> tg.GPT:
-    """Compile each Block in place (static shapes); GPT.forward's own code (embeddings, skips, loss) stays eager."""
-    torch._dynamo.config.recompile_limit = 64  # blocks whose constants differ compile apart: never fall back to eager
-    for block in model.blocks:
-        block.compile(dynamic=False)
-    return model
+@contextlib.contextmanager
+def whole_compile(model: tg.GPT, device: torch.device):
+    """The whole GPT compiled (static shapes) in place of train_gpt's compiled_blocks."""
+    yield torch.compile(model, dynamic=False)
 
 
 def run_mode(mode: str, artifact: str, n_tokens: int, force: bool) -> dict:
@@ -50,7 +44,9 @@ def run_mode(mode: str, artifact: str, n_tokens: int, force: bool) -> dict:
         torch.manual_seed(0)
         model = tg.GPT(**tg.model_config(args, 1)).to(device)
     if device.type == "cuda" or force:  # on CPU without --force-compile both modes run eager
-        tg.maybe_compile = regional_compile if mode == "blocks" else whole_compile
+        tg.maybe_compile = lambda module, device: torch.compile(module, dynamic=False)
+        if mode == "model":
+            tg.compiled_blocks = whole_compile
     tokens = tg.load_validation_tokens(os.path.join(args.data_path, "fineweb_val_*.bin"), args.train_seq_len,
                                        args.vocab_size)[: n_tokens + 1].to(device)
     bytes_per_target = torch.ones(tokens.numel() - 1, dtype=torch.float64, device=device)

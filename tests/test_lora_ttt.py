@@ -175,9 +175,12 @@ def test_deadline_stops_adaptation(stream, model, monkeypatch):
     assert not torch.equal(adapted[late:], frozen[late:])
 
 
-def test_compiles_one_graph_on_random_tokens(stream, model, monkeypatch):
-    """Under torch.compile (dynamic=False; aot_eager on CPU) the warm-up compiles the one graph on random tokens only,
-    before the first validation step; the pass then compiles nothing more, and its scores match the eager pass."""
+def test_compiles_its_graphs_on_random_tokens(stream, monkeypatch):
+    """Under torch.compile (dynamic=False; aot_eager on CPU) the warm-up compiles every graph on random tokens only,
+    before the first validation step: the blocks' shared attend and feed code (regional compilation; one more attend
+    graph for the first block, whose input aliases x0), fewer graphs than blocks. The pass then compiles nothing more,
+    its scores match the eager pass, and the blocks are left uncompiled."""
+    model = tiny_model(seed=8, doc_mask=True, num_layers=6, xsa_last_n=6, parallel_start=4)  # 3 blocks of each lane
     compiled, calls = [], []
 
     def backend(gm, example_inputs):
@@ -192,10 +195,11 @@ def test_compiles_one_graph_on_random_tokens(stream, model, monkeypatch):
     nll, _ = run_lora(model, tokens)
     warm = [n for is_val, n in calls if not is_val]
     assert len(warm) == 1 and not calls[0][0] and all(is_val for is_val, _ in calls[1:])
-    assert len(compiled) == 1 and {n for is_val, n in calls if is_val} == {1}
+    assert 2 <= len(compiled) <= 3 < len(model.blocks) and {n for is_val, n in calls if is_val} == {len(compiled)}
+    assert not any("attend" in vars(block) or "feed" in vars(block) for block in model.blocks)
     monkeypatch.undo()
     torch._dynamo.reset()
-    torch.testing.assert_close(nll, run_lora(model, stream)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nll, run_lora(model, stream)[0], rtol=1e-4, atol=1e-4)  # fp32 noise, 6 layers
 
 
 def test_model_is_restored(stream, model):
