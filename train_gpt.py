@@ -122,7 +122,7 @@ class Hyperparameters:
     ttt_enabled: bool = True  # per-document LoRA TTT (R6/R7); 0: the plain sliding pass is the final score
     ttt_lora_rank: int = 32
     ttt_lora_lr: float = 3e-4  # Adam with beta1 0, beta2 0.999 (R6/R7), one state per document
-    ttt_lora_chunk: int = 48  # targets of a document scored, then trained on, per step
+    ttt_lora_chunk: int = 64  # targets of a document scored, then trained on, per step
     ttt_lora_rows: int = 32  # batch rows of TRAIN_SEQ_LEN tokens a step, documents' windows packed into them
     ttt_lora_docs: int = 96  # most documents in flight (each one adapter and one window a step)
 

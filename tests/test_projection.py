@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import json
 import math
@@ -180,12 +181,14 @@ def test_virtual_replay_cuts_ttt_where_train_gpt_does(deadline, monkeypatch):
     monkeypatch.setattr(tg, "LORA_CHECK_EVERY", 4)
     clock = bench.VirtualClock()
 
+    @contextlib.contextmanager
     def compile_model(model, device):
         clock.now += 40.0
-        return model
+        yield model
 
     real = StepRecorder(tokens, clock, {True: 2.0, False: 1.0})
-    with bench.patched(tg, all_reduce=lambda t, rt, op=None: t, time=clock, lora_step=real, maybe_compile=compile_model), \
+    with bench.patched(tg, all_reduce=lambda t, rt, op=None: t, time=clock, lora_step=real,
+                       compiled_blocks=compile_model), \
             bench.patched(tg.ScoreBoard, finalize=lambda self, b, rt: (0.0, 0.0)):
         tg.evaluate_ttt(tiny_model(doc_mask=True), tokens, None, args, tg.Runtime(0, world, 0, CPU), lambda msg: None,
                         deadline)
