@@ -3,15 +3,9 @@
     torchrun --standalone --nproc_per_node=8 train_gpt.py        # the contest run (defaults)
     python3 train_gpt.py                                          # one process; CPU works with a tiny config
 
-Every hyperparameter is an environment variable named like its field in `Hyperparameters`.
-The file reads top to bottom in pipeline order:
-
-  1. hyperparameters          6. training loop: Muon + Adam, EMA, wall-clock cap
-  2. runtime and logging      7. quantization: GPTQ int6 / int7, zstd artifact
-  3. data shards              8. evaluation: sliding window, score-first TTT
-  4. bpb accounting           9. main: train -> artifact -> reload -> eval -> submission.json
-  5. model and optimizers
-README.md explains each technique and where it comes from."""
+Every hyperparameter is an environment variable named like its field in `Hyperparameters`. The file reads top to
+bottom in pipeline order, in nine sections (banners `# ---- N.`): hyperparameters, runtime and logging, data, bpb, model
+and optimizers, training, quantization, evaluation, main. README.md explains each technique and where it comes from."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +13,6 @@ import datetime
 import difflib
 import glob
 import hashlib
-import heapq
 import importlib.metadata
 import inspect
 import io
@@ -59,9 +52,8 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 
 @dataclass
 class Hyperparameters:
-    """Every knob of the run. Field `foo_bar` is overridden by environment variable `FOO_BAR`.
-    Defaults are the contest configuration: 8 GPUs x 600 s, 786,432 tokens per step, sp1024.
-    Booleans accept 1/0/true/false. Raises ValueError for unparsable or inconsistent values."""
+    """Every knob of the run; field `foo_bar` is set by environment variable `FOO_BAR` (booleans: 1/0/true/false).
+    Defaults are the contest run (8 GPUs x 600 s). Raises ValueError for unparsable or inconsistent values."""
 
     # data, tokenizer, outputs
     data_path: str = "./data/datasets/fineweb10B_sp1024"
@@ -130,8 +122,9 @@ class Hyperparameters:
     ttt_enabled: bool = True  # per-document LoRA TTT (R6/R7); 0: the plain sliding pass is the final score
     ttt_lora_rank: int = 32
     ttt_lora_lr: float = 3e-4  # Adam with beta1 0, beta2 0.999 (R6/R7), one state per document
-    ttt_lora_chunk: int = 96  # targets of a document scored, then trained on, per step
-    ttt_lora_docs: int = 64  # documents adapted side by side (batch rows of TRAIN_SEQ_LEN tokens)
+    ttt_lora_chunk: int = 64  # targets of a document scored, then trained on, per step
+    ttt_lora_rows: int = 32  # batch rows of TRAIN_SEQ_LEN tokens a step, documents' windows packed into them
+    ttt_lora_docs: int = 96  # most documents in flight (each one adapter and one window a step)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> tuple["Hyperparameters", dict[str, str]]:
@@ -149,7 +142,8 @@ class Hyperparameters:
         """Raise ValueError naming the first inconsistent setting."""
         positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                     "train_batch_tokens", "train_seq_len", "micro_batch_tokens", "eval_stride", "eval_batch_seqs",
-                    "log_every", "iterations", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_docs")
+                    "log_every", "iterations", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_docs",
+                    "ttt_lora_rows")
         for name in positive + ("matrix_lr", "embed_lr", "scalar_lr", "muon_wd", "adam_wd", "grad_clip_norm",
                                 "grad_accum_steps", "gptq_calib_batches", "warmup_steps", "ttt_lora_lr"):
             value = getattr(self, name)
@@ -217,8 +211,7 @@ def init_runtime() -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        # Inductor's mix-order reduction fused each RMSNorm backward with the per-channel gradient sums
-        # into kernels of 5 ms each on an H200 (a P300 step took 92.4 ms with it, 81.1 without).
+        # Inductor's mix-order reduction made 5 ms RMSNorm-backward kernels (H200 P300 step 92.4 -> 81.1 ms without)
         torch._inductor.config.triton.mix_order_reduction = False
     else:
         device = torch.device("cpu")
@@ -256,6 +249,21 @@ def maybe_compile(module, device: torch.device):
     return torch.compile(module, dynamic=False) if device.type == "cuda" else module
 
 
+@contextlib.contextmanager
+def compiled_blocks(model: nn.Module, device: torch.device):
+    """Regional compilation (https://docs.pytorch.org/tutorials/recipes/regional_compilation.html): inside the context
+    each Block's `attend` and `feed` are compiled in place (maybe_compile) and the rest of the model's forward runs
+    eager. The blocks share one compiled code (their parameters and buffers are graph inputs), so a graph of 14 block
+    passes compiles as a few small graphs: bench/lora_compile.py measures it against compiling the whole model."""
+    for block in model.blocks:
+        block.attend, block.feed = maybe_compile(block.attend, device), maybe_compile(block.feed, device)
+    try:
+        yield model
+    finally:
+        for block in model.blocks:
+            del block.attend, block.feed
+
+
 class Logger:
     """Prints on rank 0 and appends every line to the log file (truncated when made: after main()'s input checks)."""
 
@@ -272,8 +280,7 @@ class Logger:
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place (os.replace): a crash, a kill
-    or a full disk leaves the earlier file or none under `path`, never a truncated one. Raises OSError."""
+    """Write `data` to `path` via a temporary file and os.replace, so no crash leaves it truncated. Raises OSError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -322,8 +329,7 @@ def find_shards(pattern: str) -> list[str]:
 
 
 def open_shard(path: str) -> np.ndarray:
-    """Memory-map one shard's tokens (uint16, read-only) after checking its header and size.
-    Raises ValueError on a short header, wrong magic/version, or a size that disagrees with the header."""
+    """Memory-map a shard's tokens (uint16, read-only); ValueError on a short header, wrong magic/version or size."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS:
         raise ValueError(f"{path}: shorter than the {SHARD_HEADER_BYTES}-byte shard header")
@@ -357,11 +363,9 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> torch
 
 
 class TokenLoader:
-    """Training batches of (seq_len+1)-token blocks, shuffled per epoch, identical for any world size. Each epoch cuts
-    every shard into blocks at a random phase, permutes all blocks with a generator seeded by (seed, epoch) and serves
-    them in order: a step takes the next `seqs_per_rank * world_size` blocks, rank r its own contiguous slice, so ranks
-    read disjoint spans whose union is the one-GPU batch. Shards are memory-mapped; token ids are checked before
-    training. Raises like `open_shard` and `check_token_ids`, or ValueError if the shards hold less than a step."""
+    """Training batches of (seq_len+1)-token blocks, identical for any world size (README: How it works, Data): each
+    epoch cuts the memory-mapped shards at a random phase and permutes the blocks (seed, epoch); rank r reads its slice
+    of a step's blocks. Raises like `open_shard` and `check_token_ids`, or ValueError if the shards hold < a step."""
 
     def __init__(self, pattern: str, seq_len: int, seqs_per_rank: int, rt: Runtime, seed: int, vocab_size: int):
         files = find_shards(pattern)
@@ -416,10 +420,9 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
 
 
 def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, tokenizer_path: str, data_path: str):
-    """ValueError if `sp` re-encodes the decoded text of the first 200 complete documents (BOS to next BOS)
-    of `tokens` into other ids for more than a tenth of them. Catches shards made with another tokenizer of
-    the same vocabulary size (a wrong bpb otherwise: then nearly every document differs) without stopping a
-    run over a rare decode/encode quirk (0 of 7,680 stand-in documents differ, either vocabulary)."""
+    """ValueError if `sp` re-encodes the decoded text of the first 200 complete documents (BOS to next BOS) of `tokens`
+    into other ids for more than a tenth of them: shards of another tokenizer of the same vocabulary size (a wrong bpb)
+    differ in nearly every document, a rare decode/encode quirk passes (0 of 7,680 stand-in documents differ)."""
     bos = np.flatnonzero(tokens == sp.bos_id())[:201]
     docs = [tokens[a + 1 : b].tolist() for a, b in zip(bos[:-1], bos[1:])]
     differ = sum(again != ids for again, ids in zip(sp.encode(sp.decode(docs)), docs))
@@ -429,10 +432,9 @@ def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, 
 
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-token byte rule of the challenge, as arrays indexed by token id.
-    Returns (base_bytes int64, has_leading_space bool, is_boundary bool). Control/unknown/unused tokens are boundaries
-    worth 0 bytes; byte-fallback tokens are 1 byte; other pieces count the UTF-8 bytes of the piece without its leading
-    "▁", which adds one byte unless the previous token is a boundary (so no space is counted right after BOS)."""
+    """The challenge's byte rule per token id -> (base_bytes int64, has_leading_space bool, is_boundary bool): control,
+    unknown and unused tokens are 0-byte boundaries, byte-fallback tokens 1 byte, other pieces their UTF-8 bytes without
+    the leading "▁", which adds one byte unless the previous token is a boundary (none right after BOS)."""
     n = sp.vocab_size()
     base, space, boundary = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     for i in range(n):
@@ -467,10 +469,8 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def doc_segments(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """Document segments of a batch for masked attention: input_ids (B, T) -> cu_seqlens, int32 (S+1,).
-    Offsets into the B*T flattened tokens where a segment starts (every row start and every BOS),
-    then B*T. Its length depends on the data, so it is computed eagerly and marked dynamic: one
-    compiled graph serves every batch (a fixed-size graph would recompile for each document count)."""
+    """Segments for masked attention: input_ids (B, T) -> cu_seqlens int32 (S+1,), the flat offsets of every row start
+    and BOS, then B*T; eager and marked dynamic (data-dependent length), so one compiled graph serves every batch."""
     starts = input_ids == bos_id
     starts[:, 0] = True
     cu = F.pad(starts.flatten().nonzero().flatten(), (0, 1), value=input_ids.numel()).to(torch.int32)
@@ -511,10 +511,9 @@ flash4.register_autograd(  # the backward is flash4 again, on the saved q, k, v,
 
 
 def select_attention(args: Hyperparameters, device: torch.device) -> str:
-    """Route `causal_attention` once, before the model is compiled; returns the routes for the log. auto: FA4 (`flash4`)
-    in the modes FLASH_FASTER names for this GPU if a forward and backward of it runs at the model's shapes (FA4
-    JIT-compiles every kernel of the run here), else PyTorch, reason logged; flash: both modes or RuntimeError; sdpa:
-    PyTorch, nothing imported. FA3 (`flash_attn_interface`) has no pip build and is not routed."""
+    """Route `causal_attention` once, before compiling; returns the routes for the log. auto: FA4 (`flash4`) in the
+    modes FLASH_FASTER names for this GPU if its forward and backward run at the model's shapes (JIT-compiling them),
+    else PyTorch, reason logged; flash: both modes or RuntimeError; sdpa: PyTorch. FA3 has no pip build: not routed."""
     cuda, note = device.type == "cuda", ""
     routes = {"dense": "sdpa", "varlen": "torch varlen_attn" if cuda and varlen_attn else "sdpa(mask)"}
     modes = {"flash": set(routes), "sdpa": set()}.get(args.attention, next(
@@ -541,10 +540,9 @@ def select_attention(args: Hyperparameters, device: torch.device) -> str:
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal GQA attention. q: (B, T, H, D); k, v: (B, T, Hkv, D), H % Hkv == 0 -> (B, T, H, D). With cu_seqlens
-    (`doc_segments`), no token attends across a segment start. FlashAttention where `select_attention` routed the
-    mode (q, k cast to v's dtype: bf16 under autocast); else SDPA (cuDNN preferred on GPU), with cu_seqlens PyTorch's
-    variable-length FlashAttention-2 on GPU, else SDPA with a block-diagonal causal mask (CPU, and tests)."""
+    """Causal GQA attention: q (B, T, H, D), k, v (B, T, Hkv, D), H % Hkv == 0 -> (B, T, H, D); with cu_seqlens
+    (`doc_segments`) no token attends across a segment start. FlashAttention where `select_attention` routed it (q, k
+    cast to v's dtype), else SDPA; with cu_seqlens PyTorch's varlen FlashAttention-2 on GPU, a block mask on CPU."""
     b, t = q.shape[:2]
     if flash := ATTENTION_ROUTES["dense" if cu_seqlens is None else "varlen"]:  # varlen in FA's layout: (B*T, H, D)
         qkv = [x.to(v.dtype) if cu_seqlens is None else x.to(v.dtype).flatten(0, 1) for x in (q, k, v)]
@@ -564,9 +562,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @torch.library.custom_op("train_gpt::embedding_backward", mutates_args=())
 def embedding_backward(grad: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Gradient of an embedding table: rows of `grad` summed by id -> (num_rows, dim).
-    An opaque op so torch.compile calls PyTorch's sort-based kernel: Inductor's own lowering uses
-    atomic adds that serialise on frequent tokens (measured 5 ms per table per step on an H200)."""
+    """Gradient of an embedding table: rows of `grad` summed by id -> (num_rows, dim). Opaque to torch.compile, so
+    PyTorch's sort-based kernel runs, not Inductor's atomic adds (5 ms per table per step on an H200: frequent ids)."""
     return torch.ops.aten.embedding_dense_backward(grad, ids, num_rows, -1, False)
 
 
@@ -593,8 +590,7 @@ class _EmbeddingFunction(torch.autograd.Function):
 
 
 class Rotary(nn.Module):
-    """Partial rotary position embedding (RoPE, Su et al. 2021) on the first `rope_dims` of each head.
-    Partial RoPE (16 of 64 dims) is from the 2026-03-21 record; the rest of the head is position-free."""
+    """RoPE (Su et al. 2021) on the first `rope_dims` dims of each head only (partial RoPE: 2026-03-21 record)."""
 
     def __init__(self, rope_dims: int, base: float, max_len: int):
         super().__init__()
@@ -613,8 +609,7 @@ class Rotary(nn.Module):
 
 
 def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """XSA: remove from each head's output its component along the token's own value vector.
-    y: (B, T, H, D), v: (B, T, Hkv, D). From the XSA records (2026-03-20_11L_XSA4, PR #1019)."""
+    """XSA (2026-03-20_11L_XSA4, PR #1019): y (B, T, H, D) less its part on each token's own value v (B, T, Hkv, D)."""
     b, t, h, d = y.shape
     groups = y.reshape(b, t, v.size(2), h // v.size(2), d)
     v_unit = F.normalize(v, dim=-1).unsqueeze(3)
@@ -664,9 +659,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with a learned mix of the embedding x0 into the residual stream
-    and per-channel output scales; normed inputs are scaled by 1/sqrt(layer+1) (LN scale, 2026-03-21).
-    `attend` and `feed` are its two residual updates; a parallel block runs them on separate lanes."""
+    """Pre-norm block: a learned mix of the embedding x0 into the residual stream, per-channel output scales, normed
+    inputs scaled by 1/sqrt(layer+1) (LN scale, 2026-03-21); `attend` and `feed` are its two residual updates. The
+    scale is a buffer, not a float, so that every block runs the same compiled code (compiled_blocks)."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, hidden: int, rotary: Rotary,
                  qk_gain_init: float, xsa: bool, attn_gate: bool, layer_idx: int):
@@ -675,7 +670,7 @@ class Block(nn.Module):
         self.mlp = MLP(dim, hidden)
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
-        self.ln_scale = 1.0 / math.sqrt(layer_idx + 1)
+        self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(layer_idx + 1)), persistent=False)
 
     def attend(self, x: torch.Tensor, x0: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
@@ -690,10 +685,9 @@ class Block(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Embedding of a hash of the (previous, current) *input* token pair, projected to model_dim.
-    bucket[t] = (36313 * tok[t] XOR 27191 * tok[t-1]) mod (buckets - 1); the reserved last bucket is
-    used at position 0 and at every BOS, so no pair spans a document boundary. Targets are never
-    hashed. From R1 (2026-03-20 record); table zero-initialised, projection orthogonal, scale 0.05."""
+    """Embedding of a hash of the (previous, current) *input* token pair, projected to model_dim (R1, 2026-03-20):
+    bucket[t] = (36313 * tok[t] XOR 27191 * tok[t-1]) mod (buckets - 1), the reserved last bucket at position 0 and
+    every BOS (no pair spans two documents). Table zero-initialised, projection orthogonal, scale 0.05."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
         super().__init__()
@@ -707,8 +701,7 @@ class BigramHash(nn.Module):
         cur = input_ids.to(torch.int32)
         prev = F.pad(cur[:, :-1], (1, 0))
         hashed = torch.bitwise_xor(36313 * cur, 27191 * prev) % (self.buckets - 1)
-        first = torch.zeros_like(cur, dtype=torch.bool)
-        first[:, 0] = True
+        first = torch.arange(cur.size(1), device=cur.device) == 0
         return torch.where(first | (cur == self.bos_id), self.buckets - 1, hashed).long()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -716,9 +709,8 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_t += sigmoid(g) * (x_{t-1} - x_t), a learned per-channel blend with the previous position.
-    The blend is off at position 0 and wherever the current token is BOS, so nothing crosses a
-    document boundary (the BOS fix of R8 / issue #1797). From R1; g starts at 0 (a 50/50 blend)."""
+    """x_t += sigmoid(g) * (x_{t-1} - x_t), a learned per-channel blend with the previous position (R1; g starts at 0),
+    off at position 0 and wherever the current token is BOS (the BOS fix of R8 / issue #1797)."""
 
     def __init__(self, dim: int, bos_id: int):
         super().__init__()
@@ -727,8 +719,7 @@ class SmearGate(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D), input_ids: (B, T) -> (B, T, D)."""
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        keep = input_ids != self.bos_id
-        keep = torch.cat((torch.zeros_like(keep[:, :1]), keep[:, 1:]), dim=1)
+        keep = (input_ids != self.bos_id) & (torch.arange(input_ids.size(1), device=input_ids.device) > 0)
         return x + keep.unsqueeze(-1).to(x.dtype) * torch.sigmoid(self.gate).to(x.dtype) * (prev - x)
 
 
@@ -742,13 +733,11 @@ def layer_order(num_layers: int, num_loops: int, loop_start: int, loop_end: int)
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer with U-Net skips, tied embeddings and a tanh logit softcap. Blocks run in `layer_order`
-    (depth recurrence's extra passes only while `looping`, on from construction if num_loops > 0). The first half of
-    that order (encoder) pushes its outputs; each later step merges in skip_weights[j] * (mirrored encoder output):
-    added, or with skip_gates blended as g x + (1 - g) skip, g = sigmoid(gate) (R7). From block `parallel_start` on
-    (R7's parallel residuals), attention and MLP update two lanes from one stream, merged at the end by a learned
-    weight. With doc_mask, attention never crosses a BOS (pass cu_seqlens from `segments`). input_ids (B, T) int64 ->
-    logits (B, T, V), or with targets (B, T): mean NLL or per-token NLL (B, T) ("none"), in nats."""
+    """Decoder-only transformer with tied embeddings and a tanh logit softcap; blocks run in `layer_order` (the extra
+    passes only while `looping`). U-Net skips: the first half of the passes push outputs, each later one merges the
+    mirrored one in (`merge_skip`: added, or sigmoid-gated with skip_gates, R7); from block `parallel_start` on,
+    attention and MLP update two lanes merged by a learned weight (R7). With doc_mask, pass cu_seqlens from `segments`.
+    input_ids (B, T) int64 -> logits (B, T, V), or with targets (B, T) mean or per-token ("none") NLL in nats."""
 
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: float, rope_dims: int, rope_base: float, qk_gain_init: float, xsa_last_n: int,
@@ -756,7 +745,8 @@ class GPT(nn.Module):
                  max_seq_len: int, bos_id: int, num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
                  doc_mask: bool = False, parallel_start: int = 0, skip_gates: bool = False, attn_gate: bool = False):
         super().__init__()
-        self.logit_softcap, self.bos_id, self.doc_mask, self.parallel_start = logit_softcap, bos_id, doc_mask, parallel_start
+        self.logit_softcap, self.bos_id, self.doc_mask = logit_softcap, bos_id, doc_mask
+        self.parallel_start = parallel_start
         self.orders = {False: list(range(num_layers)), True: layer_order(num_layers, num_loops, loop_start, loop_end)}
         self.looping = num_loops > 0
         rotary = Rotary(rope_dims, rope_base, max_seq_len)
@@ -771,10 +761,7 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(decoder_steps, model_dim)) if skip_gates else None
         self.lane_merge = nn.Parameter(torch.tensor(0.5)) if 0 < parallel_start < num_layers else None
         self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)  # its output is the head's input
-        self._init_weights(tied_embed_init_std)
-
-    def _init_weights(self, embed_std: float) -> None:
-        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
         nn.init.zeros_(self.bigram.embed.weight)
         nn.init.orthogonal_(self.bigram.proj.weight)
         for block in self.blocks:
@@ -784,8 +771,7 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.proj.weight)
 
     def segments(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """cu_seqlens of input_ids' documents (`doc_segments`) if the model masks documents, else None.
-        Call it outside the compiled graph (it reads the data) and pass the result to forward."""
+        """cu_seqlens (`doc_segments`) if the model masks documents, else None; call it outside the compiled graph."""
         return doc_segments(input_ids, self.bos_id) if self.doc_mask else None
 
     def merge_skip(self, j: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -822,10 +808,8 @@ class GPT(nn.Module):
         return nll if reduction == "mean" else nll.view_as(targets)
 
 
-MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
-                "rope_base", "qk_gain_init", "xsa_last_n", "bigram_buckets", "bigram_dim", "logit_softcap",
-                "tied_embed_init_std", "num_loops", "loop_start", "loop_end", "doc_mask", "parallel_start", "skip_gates",
-                "attn_gate")
+# GPT's arguments that are settings, in its signature's order (the artifact's config keeps it)
+MODEL_FIELDS = tuple(k for k in inspect.signature(GPT).parameters if k not in ("max_seq_len", "bos_id"))
 
 
 def model_config(args: Hyperparameters, bos_id: int) -> dict:
@@ -839,8 +823,7 @@ def linear_weights(model: nn.Module) -> list[nn.Parameter]:
 
 
 def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate orthogonalisation U V^T of g (..., m, n) by a quintic Newton-Schulz iteration in bf16.
-    Coefficients (3.4445, -4.7750, 2.0315) from Muon (Jordan et al. 2024, modded-nanogpt)."""
+    """U V^T of g (..., m, n) by quintic Newton-Schulz in bf16, with Muon's coefficients (Jordan et al. 2024)."""
     transposed = g.size(-2) > g.size(-1)
     x = (g.mT if transposed else g).bfloat16()
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
@@ -853,9 +836,8 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024) with decoupled weight decay. Per 2-D parameter:
     buf = momentum*buf + grad; update = NS5(grad + momentum*buf) (Nesterov), scaled by sqrt(max(1, rows/cols));
-    p -= lr*wd*p + lr*update. Equal shapes are orthogonalised in one batched call; with several ranks, rank r does every
-    world_size-th parameter of each shape and one all-reduce shares the updates. row_normalize (MuonEq-R, R7/R8) first
-    scales each row of the Nesterov update to unit L2 norm, so no output feature dominates the orthogonalisation."""
+    p -= lr*wd*p + lr*update; row_normalize (MuonEq-R, R7/R8) first scales each row of the Nesterov update to unit norm.
+    Equal shapes go in one batched call; rank r does every world_size-th of each shape, one all-reduce shares them."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, rt: Runtime,
                  row_normalize: bool = False):
@@ -943,8 +925,7 @@ def grad_accum_steps(args: Hyperparameters, rt: Runtime) -> int:
 
 
 def finite_loss(loss: torch.Tensor, step: int, rt: Runtime, weights: list[torch.Tensor] = ()) -> float:
-    """The training loss averaged over ranks; FloatingPointError if it or any of `weights` holds nan/inf. Called
-    where the loss is synced anyway (every LOG_EVERY steps; at the end with the EMA weights)."""
+    """The training loss averaged over ranks (a sync); FloatingPointError if it or any of `weights` holds nan/inf."""
     value = all_reduce(loss.detach().float().clone().to(rt.device), rt).item() / rt.world_size
     bad_weights = not all(bool(w.isfinite().all()) for w in weights)
     if bad_weights or not math.isfinite(value):
@@ -963,8 +944,7 @@ def wrap_for_training(model: GPT, rt: Runtime) -> nn.Module:
 
 def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad_clip_norm: float,
                rt: Runtime) -> torch.Tensor:
-    """One optimizer step over micro-batches [(x, y), ...] (gradient accumulation; DDP syncs on the
-    last one). Returns the mean training loss as a device scalar."""
+    """One optimizer step over micro-batches [(x, y), ...] (DDP syncs on the last) -> mean loss, a device scalar."""
     total = torch.zeros((), device=rt.device)
     for micro, (x, y) in enumerate(batches):
         sync_grads = not rt.distributed or micro == len(batches) - 1
@@ -983,10 +963,9 @@ def train_step(net: nn.Module, model: GPT, optimizers: list, batches: list, grad
 def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, accum: int, log: Logger,
           budget_seconds: float) -> tuple[int, float, EMA]:
     """Train until `budget_seconds` of wall clock (or ITERATIONS); returns (steps, seconds of the timed loop, EMA).
-    Before the clock starts, WARMUP_STEPS full steps on random tokens prime torch.compile, then the model and optimizers
-    are reset to their initial state. The LR warm-down follows the fraction of the budget used; the stop decision is the
-    max over ranks, so every rank stops at the same step. With NUM_LOOPS > 0 the extra passes of depth recurrence start
-    once LOOP_FROM of the budget is used (on the same step on every rank; warm-up compiles both graphs)."""
+    First WARMUP_STEPS steps on random tokens prime torch.compile (both depth-recurrence graphs), then the model and
+    optimizers are reset. The LR warm-down follows the budget fraction used; stopping and the extra passes (from
+    LOOP_FROM of the budget) are decided as the max over ranks, so all ranks switch at the same step."""
     net = wrap_for_training(model, rt)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     warm_opts = build_optimizers(model, args, rt)
@@ -1051,9 +1030,8 @@ ARTIFACT_MAGIC = b"PGOLF-INT-2\n"
 
 
 def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime) -> dict[str, torch.Tensor]:
-    """GPTQ Hessians H = E[x x^T] on training batches, of the inputs of every block linear layer and of
-    the tied output head (the final RMS-normed hidden state, for tok_emb.weight as the head's weight).
-    Returns {weight name: (in_features, in_features) fp32}, averaged over tokens and ranks."""
+    """GPTQ Hessians H = E[x x^T] on training batches of the inputs of every block linear layer and of the tied head
+    (the final normed hidden state, for tok_emb.weight) -> {weight name: (in, in) fp32}, mean over tokens and ranks."""
     sums: dict[str, torch.Tensor] = {}
 
     def accumulate(key: str, x: torch.Tensor) -> None:
@@ -1077,8 +1055,7 @@ def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime)
 
 
 def choose_row_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Per-row scale (fp16-representable) minimising round-to-nearest MSE over clip quantiles.
-    w: (..., rows, cols) fp32 -> (..., rows) fp32. The clip search of GPTQ-lite (R2)."""
+    """GPTQ-lite's clip search (R2): w (..., rows, cols) fp32 -> fp16-exact scales (..., rows) of least rounding MSE."""
     best_scale, best_err = None, torch.full(w.shape[:-1], math.inf, device=w.device)
     for q in CLIP_QUANTILES:
         clip = w.abs().amax(-1) if q == 1.0 else torch.quantile(w.abs(), q, dim=-1)
@@ -1091,10 +1068,9 @@ def choose_row_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmax: int, block: int = 128,
                   damp: float = 0.01) -> torch.Tensor:
-    """GPTQ (Frantar et al., ICLR 2023) with act-order, batched over a leading dimension. w: (L, rows, cols) fp32
-    weights, h: (L, cols, cols) input Hessians, scale: (L, rows) fixed per-row scales. Columns are quantized in order of
-    decreasing Hessian diagonal; each column's rounding error is propagated to the not-yet-quantized columns through the
-    inverse Hessian's Cholesky factor. Returns int8 codes (L, rows, cols) in [-qmax, qmax]."""
+    """GPTQ (Frantar et al., ICLR 2023) with act-order, batched: w (L, rows, cols) fp32, h (L, cols, cols) input
+    Hessians, scale (L, rows) fixed per-row scales -> int8 codes (L, rows, cols) in [-qmax, qmax]. Columns go in order
+    of decreasing Hessian diagonal, each one's rounding error propagated to later ones via inverse-Hessian Cholesky."""
     w, h = w.clone().float(), h.clone().float()
     L, rows, cols = w.shape
     diag = h.diagonal(dim1=-2, dim2=-1)
@@ -1187,10 +1163,9 @@ def quantize_groups(groups: list[MatrixGroup], alpha: float, use_gptq: bool) -> 
 
 def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: dict,
                     max_bytes: int) -> tuple[dict[str, dict], float]:
-    """Quantize so the compressed artifact stays under max_bytes; returns (entries, alpha).
-    Every step size is multiplied by the smallest alpha >= 1 whose estimated size fits: bisection on
-    round-to-nearest codes, then GPTQ at that alpha, raising alpha until the GPTQ codes fit too. Sizes
-    are estimated with zstd level 1, within about 0.3% of level 22 on these codes (hence 0.5% margin)."""
+    """Quantize so the compressed artifact stays under max_bytes -> (entries, alpha): every step size times the smallest
+    alpha >= 1 that fits, by bisection on round-to-nearest codes, then GPTQ at that alpha, raised until its codes fit.
+    Sizes from zstd level 1 (within ~0.3% of level 22 here: 0.5% margin). ValueError if nothing fits."""
     target = int(max_bytes * 0.995)
 
     def size(entries: dict) -> int:
@@ -1220,9 +1195,8 @@ def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
 
 
 def serialize_artifact(config: dict, entries: dict[str, dict]) -> bytes:
-    """Uncompressed artifact: magic, raw arrays, JSON header, 8-byte header length. Arrays are grouped by kind (int6
-    codes, int7 codes, their scales, fp16, fp32) so similar bytes sit together; the header goes last, as text ahead of
-    the codes made zstd-22 compress them up to 6% worse. No pickle: the artifact holds only numbers and this header."""
+    """Uncompressed artifact, no pickle: magic, raw arrays grouped by kind (int6 codes, int7 codes, their scales, fp16,
+    fp32), then the JSON header (ahead of the codes it cost zstd-22 up to 6%) and its 8-byte length."""
     header = {"config": config, "tensors": []}
     parts, offset = [], 0
     order = [(k, f) for f in ("q", "scale") for k in INT_KINDS.values()] + [("fp16", "data"), ("fp32", "data")]
@@ -1243,8 +1217,7 @@ def pack_artifact(config: dict, entries: dict[str, dict]) -> bytes:
 
 
 def unpack_artifact(blob: bytes, source: str = "blob") -> tuple[dict, dict[str, dict]]:
-    """Inverse of pack_artifact -> (model config, entries). ValueError naming `source` (the file) if the
-    blob is truncated or not an artifact."""
+    """Inverse of pack_artifact -> (config, entries); ValueError naming `source` if truncated or not an artifact."""
     try:
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31)
     except zstandard.ZstdError as e:
@@ -1257,7 +1230,8 @@ def unpack_artifact(blob: bytes, source: str = "blob") -> tuple[dict, dict[str, 
     entries: dict[str, dict] = {}
     for t in header["tensors"]:
         arr = np.frombuffer(payload, dtype=np.dtype(t["dtype"]), count=int(np.prod(t["shape"])), offset=t["offset"])
-        entries.setdefault(t["name"], {"kind": t["kind"]})[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]).copy())
+        entry = entries.setdefault(t["name"], {"kind": t["kind"]})
+        entry[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]).copy())
     return header["config"], entries
 
 
@@ -1274,11 +1248,10 @@ def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows covering targets 0..n_targets-1 exactly once, each with at least seq_len-stride context.
-    Window i reads inputs tokens[start_i : start_i + seq_len] and scores its positions >= from_i, i.e. targets start_i +
-    from_i .. start_i + seq_len - 1 (target j is token j+1). The first window scores all of its positions; each later
-    one scores the `stride` targets after the previous. Returns (starts, score_from), int64 tensors of equal length.
-    stride == seq_len gives plain non-overlapping evaluation."""
+    """Windows covering targets 0..n_targets-1 exactly once, each with >= seq_len-stride context -> (starts,
+    score_from), int64 of equal length. Window i reads tokens[start_i : start_i + seq_len] and scores its positions >=
+    from_i (target j is token j+1): the first all of them, each later one the `stride` targets after the previous
+    (stride == seq_len: non-overlapping). ValueError if n_targets < seq_len."""
     if n_targets < seq_len:
         raise ValueError(f"validation has {n_targets} targets, fewer than one {seq_len}-token window")
     firsts = torch.arange(seq_len, n_targets, stride)
@@ -1296,8 +1269,7 @@ class ScoreBoard:
         self.count = torch.zeros(n_targets, device=device, dtype=torch.int32)
 
     def add(self, targets: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Record the NLL of the given target indices (int64 (k,), nll (k,)); with a bool mask (k,) only where it is
-        set (without the host sync of indexing by it)."""
+        """Add nll (k,) at target indices (k,) int64; with a bool mask (k,), only where it is set (no host sync)."""
         nll, ones = (nll.float(), torch.ones_like(targets, dtype=torch.int32)) if mask is None else \
             (torch.where(mask, nll.float(), 0.0), mask.int())
         self.nll.index_put_((targets,), nll, accumulate=True)
@@ -1347,11 +1319,10 @@ def evaluate(model_fn, tokens: torch.Tensor, bytes_per_target: torch.Tensor, str
 
 
 def warm_up_eval_graphs(model: GPT, model_fn, args: Hyperparameters, rt: Runtime) -> None:
-    """Compile the scoring graph on random tokens (never validation tokens); weights unchanged. The inputs are views of
-    (rows, seq_len + 1) windows, as in score_windows: torch.compile guards on strides, and contiguous inputs compiled
-    graphs that the real passes could not use (measured: 2 extra compilations, ~170 s). TTT compiles its own graph.
-    An eager model_fn (the model itself, as maybe_compile gives on CPU) has nothing to compile: no-op."""
-    if model_fn is model:  # eager (CPU): nothing to compile
+    """Compile the scoring graph on random tokens (never validation tokens); weights unchanged; no-op if model_fn is the
+    eager model (CPU). Inputs are views of (rows, seq_len + 1) windows, as in score_windows: torch.compile guards on
+    strides, and contiguous ones compiled graphs the real passes could not use (2 extra compilations, ~170 s)."""
+    if model_fn is model:
         return
     with torch.inference_mode(), autocast(rt.device):
         x = torch.randint(0, args.vocab_size, (args.eval_batch_seqs, args.train_seq_len + 1), device=rt.device)
@@ -1373,77 +1344,60 @@ def document_spans(tokens: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, tor
     return starts, torch.diff(starts, append=torch.tensor([n]))
 
 
-def lora_schedule(starts: torch.Tensor, lengths: torch.Tensor, rows: int, chunk: int, seq_len: int) -> torch.Tensor:
-    """Which chunk of which document each of `rows` batch rows processes at each step. Documents start in stream order,
-    never reordered (R6 sorts them by length): the first `rows` start together, then each takes the row that frees first
-    (lowest index on ties), so no row waits for the longest document of a group. Chunk k of a document of n targets
-    scores targets k*chunk .. min((k+1)*chunk, n)-1 of it, reading the document's latest <= seq_len tokens up to its
-    end. Returns plan (steps, rows, 5) int64: the window's first input position, its length (0: idle row), its first
-    scored offset, 1 if the step trains on the chunk (all but a document's last), 1 if the row starts a document."""
-    chunks, free, first, row = (lengths + chunk - 1) // chunk, [(0, r) for r in range(rows)], [], []
-    for c in chunks.tolist():
-        t, r = heapq.heappop(free)
-        first.append(t)
-        row.append(r)
-        heapq.heappush(free, (t + c, r))
-    doc = torch.repeat_interleave(torch.arange(len(chunks)), chunks)
-    k = torch.arange(len(doc)) - torch.repeat_interleave(chunks.cumsum(0) - chunks, chunks)
-    hi = torch.minimum((k + 1) * chunk, lengths[doc])
-    lo, step = (hi - seq_len).clamp_min(0), torch.tensor(first, dtype=torch.int64)[doc] + k
-    plan = torch.zeros(int(step.max()) + 1 if len(doc) else 0, rows, 5, dtype=torch.int64)
-    plan[step, torch.tensor(row, dtype=torch.int64)[doc]] = torch.stack(
-        (starts[doc] + lo, hi - lo, k * chunk - lo, (k < chunks[doc] - 1).long(), (k == 0).long()), 1)
-    return plan
+@torch.library.custom_op("train_gpt::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm opaque to torch.compile (whose checks admit bf16 only): a (M, K) @ b (S, K, N) -> (M, N), rows
+    ..offs[s]-1 times b[s] (offs (S,) int32 group ends); or a (K, M) @ b (M, N) -> (S, K, N), per group of M."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+grouped_mm.register_fake(lambda a, b, offs: a.new_empty(a.size(0), b.size(-1)) if b.dim() == 3 else
+                         a.new_empty(offs.size(0), a.size(0), b.size(1)))
+grouped_mm.register_autograd(  # of the (M, K) x (S, K, N) form: dA = dY B_s^T, dB_s = A^T dY per group
+    lambda ctx, g: (grouped_mm(g.contiguous(), ctx.saved_tensors[1].transpose(1, 2), ctx.saved_tensors[2]),
+                    grouped_mm(ctx.saved_tensors[0].t(), g.contiguous(), ctx.saved_tensors[2]), None),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus one adapter per batch row (LoRA, Hu et al. 2021): x (G, T, in) -> base(x) + (x @ a_g)
-    @ b_g with a (G, in, r), b (G, r, out); `lora_step`'s learning rate absorbs LoRA's alpha / r."""
+    """A frozen linear layer plus per-window adapters (LoRA, Hu et al. 2021): x (R, T, in) -> base(x) + (x_s @ a[s]) @
+    b[s] for the tokens of slot s (a (S, in, r), b (S, r, out); offs: lora_step's slot ends in the flattened R*T)."""
 
-    def __init__(self, base: nn.Linear, a: nn.Parameter, b: nn.Parameter):
+    def __init__(self, base: nn.Linear, a: nn.Parameter, b: nn.Parameter, offs: torch.Tensor):
         super().__init__()
         self.base, self.a, self.b = base, a, b
+        self.register_buffer("offs", offs, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.a) @ self.b
+        y = self.base(x)  # bf16 under autocast: the grouped GPU kernel's dtype (fp32 on CPU)
+        h = grouped_mm(x.flatten(0, -2).to(y.dtype), self.a.to(y.dtype), self.offs)
+        return y + grouped_mm(h, self.b.to(y.dtype), self.offs).view_as(y)
 
 
 class DocumentLoRA:
-    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) of a frozen model, one per
-    batch row, installed as LoRALinear wrappers until `remove`. All layers' A then B of row g are views of row g of one
-    (G, P) tensor, as are Adam's second moments, so resetting or updating rows is one masked op over all layers. A
-    fresh adapter is `init`: A uniform in +-1/sqrt(in) from a fixed seed (the same for every document), B zero."""
+    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) of a frozen model, installed
+    as LoRALinear wrappers until `remove`, for lora_step's steps of `rows` rows. Each of up to `docs` documents in
+    flight owns a row of `weights` (all its layers' A then B), `v` (Adam's second moments) and `steps`; row `docs`
+    backs empty slots. A step loads its windows' rows into `slots` (docs, P), whose views are every layer's A, B. A
+    fresh row is `init` (A uniform in +-1/sqrt(in) from a fixed seed, B zero; v and steps zero)."""
 
-    def __init__(self, model: GPT, rows: int, rank: int, device: torch.device):
+    def __init__(self, model: GPT, rows: int, docs: int, rank: int, device: torch.device):
         self.model, self.layers = model, [(m, name, lin) for block in model.blocks for m in (block.attn, block.mlp)
                                           for name, lin in m.named_children() if isinstance(lin, nn.Linear)]
         model.requires_grad_(False)
         sizes = [(lin.in_features * rank, rank * lin.out_features) for _, _, lin in self.layers]
-        self.weights = torch.zeros(rows, sum(map(sum, sizes)), device=device)
-        self.v, self.steps = torch.zeros_like(self.weights), torch.zeros(rows, 1, device=device)
-        self.params, init, offset = [], [], 0
+        self.rows, self.slots = rows, torch.zeros(docs, sum(map(sum, sizes)), device=device)
+        self.offs, self.params, init, offset = torch.zeros(docs, dtype=torch.int32, device=device), [], [], 0
         gen = torch.Generator().manual_seed(0)
         for (m, name, lin), (size_a, size_b) in zip(self.layers, sizes):
-            a = nn.Parameter(self.weights[:, offset : offset + size_a].view(rows, lin.in_features, rank))
-            b = nn.Parameter(self.weights[:, offset + size_a : offset + size_a + size_b].view(rows, rank, -1))
-            setattr(m, name, LoRALinear(lin, a, b))
+            a = nn.Parameter(self.slots[:, offset : offset + size_a].view(docs, lin.in_features, rank))
+            b = nn.Parameter(self.slots[:, offset + size_a : offset + size_a + size_b].view(docs, rank, -1))
+            setattr(m, name, LoRALinear(lin, a, b, self.offs))
             init += [(torch.rand(size_a, generator=gen) * 2 - 1) * lin.in_features**-0.5, torch.zeros(size_b)]
             self.params, offset = self.params + [a, b], offset + size_a + size_b
         self.init = torch.cat(init).to(device)
-
-    def reset(self, rows: torch.Tensor) -> None:
-        """Fresh adapters and Adam state for the rows where `rows` (G,) bool is set."""
-        self.weights.copy_(torch.where(rows[:, None], self.init, self.weights))
-        self.v.masked_fill_(rows[:, None], 0.0)
-        self.steps.masked_fill_(rows[:, None], 0.0)
-
-    def update(self, grads: list[torch.Tensor], train: torch.Tensor, lr: float) -> None:
-        """One Adam step (beta1 0, bias-corrected beta2) per row, rows counted by train (G,) 0/1."""
-        g = torch.cat([x.flatten(1) for x in grads], 1)
-        self.steps += train[:, None]
-        self.v.mul_(LORA_BETA2).addcmul_(g, g, value=1 - LORA_BETA2)
-        v_hat = self.v / (1 - LORA_BETA2**self.steps).clamp_min(1 - LORA_BETA2)
-        self.weights.sub_(lr * g / (v_hat.sqrt() + 1e-8))
+        self.weights, self.v = self.init.repeat(docs + 1, 1), torch.zeros(docs + 1, offset, device=device)
+        self.steps = torch.zeros(docs + 1, 1, device=device)
 
     def remove(self) -> None:
         for m, name, lin in self.layers:
@@ -1453,70 +1407,111 @@ class DocumentLoRA:
 
 def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Tensor, width: int, board: ScoreBoard,
               adapting: bool, lr: float) -> None:
-    """One step of every row (plan (G, 5) as in lora_schedule): reset the rows that start a document, score each row's
-    chunk into board, then, if adapting, one Adam step per row on the mean loss of its chunk unless that is its
-    document's last. The scores come from this step's forward, before the update that uses them. Each window sits at
-    the start of a (G, width) row padded with token 0 (causal attention: padding never reaches it); no host sync."""
-    start, length, score_from, train, reset = plan.unbind(1)
-    i = torch.arange(width, device=tokens.device)
-    real = i < length[:, None]
-    pos = torch.where(real, start[:, None] + i, 0)
-    x, y = torch.where(real, tokens[pos], 0), torch.where(real, tokens[pos + 1], 0)
-    scored = real & (i >= score_from[:, None])
-    lora.reset(reset.bool())
+    """One step (plan (S, 7), a step of rank_lora_plan's) on a (lora.rows, width) batch, each window at its offset of
+    the flattened batch, the rest token 0 (after windows: causal attention hides it). Score each window's chunk into
+    board with its document's adapter (lora's rows `slot`, loaded into `slots`), then, if adapting, one Adam step per
+    document on the mean loss of its chunk unless it is the last: scores come from this step's forward, before the
+    update that uses them. Attention runs per BOS segment (model.segments): windows sharing a row never meet."""
+    start, length, score_from, train, _, offset, slot = plan.t().contiguous()
+    p = torch.arange(lora.rows * width, device=tokens.device)
+    s = (torch.searchsorted(offset, p, right=True) - 1).clamp_min(0)  # the window slot of each flattened position
+    i = p - offset[s]
+    real = i < length[s]
+    pos, scored = torch.where(real, start[s] + i, 0), real & (i >= score_from[s])
+    x, y = (torch.where(real, tokens[pos + j], 0).view(lora.rows, width) for j in (0, 1))
+    lora.slots.copy_(lora.weights[slot])
+    lora.offs.copy_(torch.cat((offset[1:], p[-1:] + 1)))
     with autocast(tokens.device):
-        nll = model_fn(x, y, "none").float()
-    board.add(pos.flatten(), nll.detach().flatten(), scored.flatten())
-    if adapting:
-        weight = (scored & train.bool()[:, None]) / scored.sum(1, keepdim=True).clamp_min(1)
-        lora.update(torch.autograd.grad((nll * weight).sum(), lora.params), train, lr)
+        nll = model_fn(x, y, "none", model_fn.segments(x)).float().flatten()
+    board.add(pos, nll.detach(), scored)
+    on, w, v, n = train.bool()[:, None], lora.slots, lora.v[slot], lora.steps[slot] + 1
+    if adapting:  # Adam, beta1 0, bias-corrected beta2; masked: an empty window's gradient is unspecified on GPU
+        weight = (scored & on[s, 0]) / torch.zeros_like(train).index_add_(0, s, scored.long()).clamp_min(1)[s]
+        g = torch.cat([x.flatten(1) for x in torch.autograd.grad((nll * weight).sum(), lora.params)], 1)
+        v = v * LORA_BETA2 + (1 - LORA_BETA2) * g * g
+        w = w - lr * g / ((v / (1 - LORA_BETA2**n)).sqrt() + 1e-8)
+    lora.weights[slot] = torch.where(on, w, lora.init)  # a document's last chunk (or an empty slot): fresh again
+    lora.v[slot], lora.steps[slot] = torch.where(on, v, 0.0), torch.where(on, n, 0.0)
 
 
-def rank_lora_plan(tokens: torch.Tensor, bos_id: int, args: Hyperparameters,
-                   rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's TTT work: its consecutive documents of the stream (balanced across ranks by chunk count), as a
-    bool mask over document_spans' documents, and their lora_schedule plan (steps, TTT_LORA_DOCS, 5) on CPU."""
-    starts, lengths = document_spans(tokens, bos_id)
-    chunks = (lengths + args.ttt_lora_chunk - 1) // args.ttt_lora_chunk
+def rank_lora_plan(tokens: torch.Tensor, model: GPT, args: Hyperparameters, rt: Runtime) -> tuple[torch.Tensor, ...]:
+    """This rank's TTT work: its consecutive documents of the stream (balanced across ranks by chunk count: a bool
+    mask over document_spans'), up to TTT_LORA_DOCS in flight, their windows packed into TTT_LORA_ROWS rows of
+    TRAIN_SEQ_LEN tokens a step. Documents start in stream order (R6 sorts them by length): a step places the next
+    chunk of each document in flight, oldest first, then starts documents while the next fits. Chunk k of a document
+    of n targets scores its targets k*chunk .. min((k+1)*chunk, n)-1 from its latest <= TRAIN_SEQ_LEN tokens up to
+    there. Windows go first-fit into rows; one not at its document's start, or not at a BOS (model.bos_id), or any
+    without the model's doc_mask, takes an empty row: only a BOS separates windows. Returns (mask, plan (steps,
+    TTT_LORA_DOCS, 7) int64 on CPU: a step's windows in layout order, then empty slots: first input position, length
+    (0: empty), first scored offset, 1 if trained on (all but a document's last chunk), 1 if it starts a document,
+    offset in the flattened rows x TRAIN_SEQ_LEN tokens, adapter slot (TTT_LORA_DOCS: none))."""
+    chunk, rows, docs, seq_len = args.ttt_lora_chunk, args.ttt_lora_rows, args.ttt_lora_docs, args.train_seq_len
+    starts, lengths = document_spans(tokens, model.bos_id)
+    chunks = (lengths + chunk - 1) // chunk
     mine = (chunks.cumsum(0) - chunks) * rt.world_size // chunks.sum() == rt.rank
-    return mine, lora_schedule(starts[mine], lengths[mine], args.ttt_lora_docs, args.ttt_lora_chunk, args.train_seq_len)
+    share = ((tokens[starts.to(tokens.device)] == model.bos_id).cpu() & model.doc_mask)[mine].tolist()
+    starts, lengths, chunks = starts[mine].tolist(), lengths[mine].tolist(), chunks[mine].tolist()
+    flying, free, nxt, out = [], list(range(docs))[::-1], 0, []
+
+    def place(d: int, k: int, slot: int) -> bool:  # chunk k of document d, first-fit into this step's rows
+        hi = min((k + 1) * chunk, lengths[d])
+        w, shared = min(hi, seq_len), hi <= seq_len and share[d]
+        r = next((r for r, u in enumerate(used) if (u + w <= seq_len if shared else u == 0)), None)
+        if r is not None:
+            step.append([starts[d] + hi - w, w, k * chunk - hi + w, int(k < chunks[d] - 1), int(k == 0),
+                         r * seq_len + used[r], slot])
+            used[r] += w
+        return r is not None
+
+    while flying or nxt < len(chunks):
+        used, step = [0] * rows, []
+        for f in flying:  # [document, its next chunk, adapter slot]
+            f[1] += place(*f)
+        while nxt < len(chunks) and free and place(nxt, 0, free[-1]):
+            flying, nxt = flying + [[nxt, 1, free.pop()]], nxt + 1
+        free += [slot for d, k, slot in flying if k == chunks[d]]
+        flying = [f for f in flying if f[1] < chunks[f[0]]]
+        out.append(sorted(step, key=lambda w: w[5]) + [[0, 0, 0, 0, 0, rows * seq_len, docs]] * (docs - len(step)))
+    return mine, torch.tensor(out, dtype=torch.int64).view(-1, docs, 7)
 
 
 def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tensor, args: Hyperparameters, rt: Runtime,
                  log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
     """Score-first per-document LoRA TTT (R6 PR #1667 / R7 PR #1530): every target is scored once, before any update
-    that used it, and no document's score depends on another (fresh adapters per document; each row holds one).
-    Each rank takes consecutive documents (balanced by chunk count) and runs them TTT_LORA_DOCS at a time
-    (lora_schedule); the graph is compiled first on random tokens, never validation tokens. If the projected time
-    passes `deadline` (perf_counter s), adapting stops and the remaining steps only score (logged). No collective
+    that used it, and no document's score depends on another (fresh adapters per document, attention and adapters per
+    window). Each rank takes consecutive documents (rank_lora_plan) and runs up to TTT_LORA_DOCS at a time, packed into
+    TTT_LORA_ROWS rows a step; the graph is compiled first on random tokens, never validation tokens. If the projected
+    time passes `deadline` (perf_counter s), adapting stops and the remaining steps only score (logged). No collective
     runs between steps, so ranks never wait for each other until the final all-reduce."""
-    n, device, rows, width = tokens.numel() - 1, rt.device, args.ttt_lora_docs, args.train_seq_len
-    mine, plan = rank_lora_plan(tokens, model.bos_id, args, rt)
+    n, device, rows, docs, width = tokens.numel() - 1, rt.device, args.ttt_lora_rows, args.ttt_lora_docs, \
+        args.train_seq_len
+    mine, plan = rank_lora_plan(tokens, model, args, rt)
     plan = plan.to(device)
-    board, lora, steps = ScoreBoard(n, device), DocumentLoRA(model, rows, args.ttt_lora_rank, device), len(plan)
+    board, lora, steps = ScoreBoard(n, device), DocumentLoRA(model, rows, docs, args.ttt_lora_rank, device), len(plan)
+    noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)  # compile warm-up:
+    fake = [[r * width, width, 0, 0, 1, r * width, r] for r in range(min(rows, docs))]  # untrained, stays fresh
+    fake = torch.tensor(fake + [[0, 0, 0, 0, 0, rows * width, docs]] * (docs - len(fake)), device=device)
+    adapting, adapted = True, 0
     try:
-        model_fn, adapting, adapted = maybe_compile(model, device), True, 0
-        noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)  # compile warm-up
-        fake = torch.tensor([[r * width, width, 0, 1, 1] for r in range(rows)], device=device)
-        lora_step(model_fn, lora, noise, fake, width, ScoreBoard(rows * width, device), True, args.ttt_lora_lr)
-        lora.reset(torch.ones(rows, dtype=torch.bool, device=device))
-        synchronize(device)
-        t0 = time.perf_counter()
-        for t in range(steps):
-            if adapting and t and t % LORA_CHECK_EVERY == 0:
-                synchronize(device)
-                now = time.perf_counter()
-                if now + (now - t0) / t * (LORA_CHECK_EVERY + LORA_SCORE_COST * (steps - t)) > deadline:
-                    adapting = False
-                    log(f"ttt_deadline: stopping adaptation after {t} of {steps} steps; the rest are scored "
-                        f"without training (EVAL_MAX_SECONDS={args.eval_max_seconds})")
-            lora_step(model_fn, lora, tokens, plan[t], width, board, adapting, args.ttt_lora_lr)
-            adapted += adapting
-        synchronize(device)
+        with compiled_blocks(model, device) as model_fn:
+            lora_step(model_fn, lora, noise, fake, width, ScoreBoard(rows * width, device), True, args.ttt_lora_lr)
+            synchronize(device)
+            t0 = time.perf_counter()
+            for t in range(steps):
+                if adapting and t and t % LORA_CHECK_EVERY == 0:
+                    synchronize(device)
+                    now = time.perf_counter()
+                    if now + (now - t0) / t * (LORA_CHECK_EVERY + LORA_SCORE_COST * (steps - t)) > deadline:
+                        adapting = False
+                        log(f"ttt_deadline: stopping adaptation after {t} of {steps} steps; the rest are scored "
+                            f"without training (EVAL_MAX_SECONDS={args.eval_max_seconds})")
+                lora_step(model_fn, lora, tokens, plan[t], width, board, adapting, args.ttt_lora_lr)
+                adapted += adapting
+            synchronize(device)
     finally:
         lora.remove()
     loss, bpb = board.finalize(bytes_per_target, rt)
-    log(f"ttt documents {int(mine.sum())} of {len(mine)} steps {steps} adapted {adapted} rows {rows} "
+    log(f"ttt documents {int(mine.sum())} of {len(mine)} steps {steps} adapted {adapted} rows {rows} docs {docs} "
         f"time {time.perf_counter() - t0:.1f}s")
     return loss, bpb, board
 
@@ -1525,9 +1520,9 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
 
 
 def check_outputs(args: Hyperparameters, log_path: str) -> None:
-    """Pre-flight, before any data is read: create each output's folder, write a scratch file there, require
-    16 MB free; with EVAL_ONLY, refuse a LOG_PATH holding a training log and read the artifact.
-    Raises OSError naming the variable, ValueError or FileNotFoundError."""
+    """Pre-flight, before any data is read: create each output's folder, write a scratch file there, require 16 MB free;
+    with EVAL_ONLY, refuse a LOG_PATH holding a training log and read the artifact. Raises OSError naming the variable,
+    ValueError or FileNotFoundError."""
     outputs = {"LOG_PATH": log_path, "SCORES_PATH": args.scores_path} | (
         {} if args.eval_only else {"ARTIFACT": args.artifact, "SUBMISSION_PATH": args.submission_path})
     for var, path in ((var, path) for var, path in outputs.items() if path):
@@ -1597,16 +1592,22 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     summary: dict = {"seed": args.seed, "world_size": rt.world_size,
                      "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"}
 
-    train_ok = True  # EVAL_ONLY trains nothing
+    def report(label: str, result: tuple, extra: str = "") -> tuple:  # log a final score, keep its bpb for the summary
+        log(f"final {label} val_loss {result[0]:.6f} val_bpb {result[1]:.6f}{extra} "
+            f"eval_time {time.perf_counter() - t_eval:.1f}s")
+        summary[f"{label}_val_bpb"] = round(result[1], 6)
+        return result
+
+    train_ok, t_eval = True, time.perf_counter()  # EVAL_ONLY trains nothing: its evaluation clock starts here
     if not args.eval_only:
-        model = GPT(**model_config(args, sp.bos_id())).to(rt.device)
+        config, max_bytes = model_config(args, sp.bos_id()), ARTIFACT_LIMIT_BYTES - 1 - len(code)  # total < limit
+        model = GPT(**config).to(rt.device)
         log(f"model_params {sum(p.numel() for p in model.parameters())}")
         budget = args.max_wallclock_seconds - args.gptq_reserve_seconds
         steps, loop_seconds, ema = train(args, model, loader, rt, accum, log, budget)
         t_gptq = time.perf_counter()  # GPTQ reads training data, so it counts as training time
         ema.copy_to_model()
         hessians = collect_hessians(model, loader, args.gptq_calib_batches, rt) if args.gptq_calib_batches else {}
-        config, max_bytes = model_config(args, sp.bos_id()), ARTIFACT_LIMIT_BYTES - 1 - len(code)  # total < limit
         if rt.is_main:
             groups, small = matrix_groups(model.state_dict(), hessians), quantize_small_tensors(model.state_dict())
             entries, alpha = quantize_to_fit(groups, small, config, max_bytes)
@@ -1615,7 +1616,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
         train_seconds = loop_seconds + gptq_seconds
         train_ok = train_seconds <= args.max_wallclock_seconds
         log(f"gptq hessians {len(hessians)} calib_batches {args.gptq_calib_batches} gptq_time {gptq_seconds:.1f}s "
-            f"train_seconds {train_seconds:.1f}s (limit {args.max_wallclock_seconds:g}s {'OK' if train_ok else 'OVER'})")
+            f"train_seconds {train_seconds:.1f}s (limit {args.max_wallclock_seconds:g}s "
+            f"{'OK' if train_ok else 'OVER'})")
         summary.update(steps=steps, step_ms=round(1000 * loop_seconds / max(steps, 1), 2),
                        train_seconds=round(train_seconds, 1), train_within_limit=train_ok)
 
@@ -1632,12 +1634,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
         if rt.distributed:
             dist.barrier()
         model_fn = maybe_compile(model, rt.device)  # diagnostic: the float EMA model before quantization
-        loss, bpb, _ = evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt)
-        log(f"final pre_quant val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")
-        summary.update(pre_quant_val_bpb=round(bpb, 6))
+        report("pre_quant", evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt))
         del model, model_fn, ema, hessians
-    else:
-        t_eval = time.perf_counter()
     deadline = t_eval + args.eval_max_seconds
 
     bytes_model, bytes_code = os.path.getsize(args.artifact), len(code)
@@ -1655,16 +1653,12 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
     model_fn = maybe_compile(model, rt.device)
     warm_up_eval_graphs(model, model_fn, args, rt)
     log(f"eval_graphs compiled eval_time {time.perf_counter() - t_eval:.1f}s")
-    loss, bpb, board = evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt)
-    log(f"final roundtrip val_loss {loss:.6f} val_bpb {bpb:.6f} eval_time {time.perf_counter() - t_eval:.1f}s")
-    summary.update(roundtrip_val_bpb=round(bpb, 6))
+    report("roundtrip", evaluate(model_fn, val_tokens, bytes_per_target, args.train_seq_len, args, rt))
     if args.ttt_enabled:  # TTT scores the sliding windows itself (a plain sliding score: EVAL_ONLY=1 TTT_ENABLED=0)
-        final, (loss, bpb, board) = "ttt", evaluate_ttt(model, val_tokens, bytes_per_target, args, rt, log, deadline)
+        final, result = "ttt", evaluate_ttt(model, val_tokens, bytes_per_target, args, rt, log, deadline)
     else:
-        final, (loss, bpb, board) = "sliding", evaluate(model_fn, val_tokens, bytes_per_target, args.eval_stride, args, rt)
-    log(f"final {final} val_loss {loss:.6f} val_bpb {bpb:.6f} stride {args.eval_stride} "
-        f"eval_time {time.perf_counter() - t_eval:.1f}s")
-    summary[f"{final}_val_bpb"] = round(bpb, 6)
+        final, result = "sliding", evaluate(model_fn, val_tokens, bytes_per_target, args.eval_stride, args, rt)
+    loss, bpb, board = report(final, result, f" stride {args.eval_stride}")
     eval_seconds = time.perf_counter() - t_eval
     eval_ok = eval_seconds <= args.eval_max_seconds
     log(f"eval_seconds {eval_seconds:.1f} (limit {args.eval_max_seconds:g}s {'OK' if eval_ok else 'OVER'})")

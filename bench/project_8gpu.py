@@ -13,8 +13,9 @@ is scaled linearly from one-GPU times.
 
 The evaluation is run()'s: the pre-quant pass (the float model) and the round-trip pass (the reloaded
 artifact), both at stride TRAIN_SEQ_LEN, then the final pass: TTT (evaluate_ttt: per-document LoRA TTT, each
-rank on its consecutive documents, one lora_step of TTT_LORA_DOCS x TRAIN_SEQ_LEN tokens a step, scoring every
-target itself) or, with TTT_ENABLED=0 only, the plain sliding pass (evaluate at EVAL_STRIDE).
+rank on its consecutive documents, up to TTT_LORA_DOCS at a time, their windows packed into one lora_step of
+TTT_LORA_ROWS x TRAIN_SEQ_LEN tokens a step, scoring every target itself) or, with TTT_ENABLED=0 only, the plain
+sliding pass (evaluate at EVAL_STRIDE).
 
 Measured here: the training step of both graphs (train_gpt.train itself, with DDP removed), GPTQ,
 zstd-22 compression of the artifact, loading it, compilation and warm-up of the scoring graph, the time of one
@@ -241,16 +242,20 @@ def window_counts(args: tg.Hyperparameters, n: int, name: str, rt: tg.Runtime) -
 
 
 def ttt_counts(args: tg.Hyperparameters, tokens: torch.Tensor, rt: tg.Runtime) -> dict:
-    """TTT's work on rank rt.rank (train_gpt.rank_lora_plan, as evaluate_ttt uses it): its documents (of all the
-    stream's), its steps, the steps in which some row trains (the others only score: every row is on its document's
-    last chunk or idle), the targets it scores, and its row-tokens: read (window tokens of real rows) and computed
-    (steps x rows x TRAIN_SEQ_LEN, padding included)."""
-    mine, plan = tg.rank_lora_plan(tokens, BOS_ID, args, rt)
+    """TTT's work on rank rt.rank (train_gpt.rank_lora_plan, as evaluate_ttt uses it, for the environment's
+    DOC_MASK): its documents (of all the stream's), its steps (each a lora_step of TTT_LORA_ROWS x TRAIN_SEQ_LEN
+    tokens and TTT_LORA_DOCS window slots), the steps in which some window trains (the others only score: every
+    window is on its document's last chunk), its windows (one per document chunk) and the most in one step, the
+    targets it scores, and its row-tokens: read (window tokens) and computed (steps x rows x TRAIN_SEQ_LEN, padding
+    included)."""
+    mine, plan = tg.rank_lora_plan(tokens, virtual_model(args), args, rt)
+    windows = (plan[:, :, 1] > 0).sum(1)
     return dict(ttt_documents=int(mine.sum()), ttt_all_documents=len(mine), ttt_steps=len(plan),
-                ttt_training_steps=int(plan[:, :, 3].any(1).sum()),
+                ttt_training_steps=int(plan[:, :, 3].any(1).sum()), ttt_windows=int(windows.sum()),
+                ttt_max_windows=int(windows.max()) if len(plan) else 0,
                 ttt_targets=int((plan[:, :, 1] - plan[:, :, 2]).sum()),
                 ttt_row_tokens_read=int(plan[:, :, 1].sum()),
-                ttt_row_tokens=len(plan) * args.ttt_lora_docs * args.train_seq_len)
+                ttt_row_tokens=len(plan) * args.ttt_lora_rows * args.train_seq_len)
 
 
 class VirtualClock:
@@ -280,12 +285,9 @@ class VirtualBoard:
 
 
 class VirtualLoRA:
-    """Stands in for DocumentLoRA in virtual runs: no adapters, no memory; reset and remove do nothing."""
+    """Stands in for DocumentLoRA in virtual runs: no adapters, no memory; remove does nothing."""
 
-    def __init__(self, model, rows: int, rank: int, device):
-        pass
-
-    def reset(self, rows) -> None:
+    def __init__(self, model, rows: int, docs: int, rank: int, device):
         pass
 
     def remove(self) -> None:
@@ -293,9 +295,10 @@ class VirtualLoRA:
 
 
 def virtual_model(args: tg.Hyperparameters):
-    """What evaluate_ttt reads of the model in virtual runs (lora_step and DocumentLoRA being stand-ins): its BOS id
-    and its vocabulary size (the warm-up's random tokens)."""
-    return types.SimpleNamespace(bos_id=BOS_ID, tok_emb=types.SimpleNamespace(num_embeddings=args.vocab_size))
+    """What evaluate_ttt reads of the model in virtual runs (lora_step and DocumentLoRA being stand-ins): its BOS id,
+    DOC_MASK (whether windows may share rows: rank_lora_plan) and its vocabulary size (the warm-up's random tokens)."""
+    return types.SimpleNamespace(bos_id=BOS_ID, doc_mask=args.doc_mask,
+                                 tok_emb=types.SimpleNamespace(num_embeddings=args.vocab_size))
 
 
 def virtual_eval(args: tg.Hyperparameters, tokens: torch.Tensor, world: int, ring: RingModel, unit: dict,
@@ -334,7 +337,7 @@ def virtual_eval(args: tg.Hyperparameters, tokens: torch.Tensor, world: int, rin
     out, lines = {}, []
     stubs = dict(all_reduce=ledger, score_windows=score_windows, lora_step=lora_step, DocumentLoRA=VirtualLoRA,
                  maybe_compile=lambda model, device: model, synchronize=lambda device: None, time=clock,
-                 ScoreBoard=VirtualBoard)
+                 compiled_blocks=lambda model, device: contextlib.nullcontext(model), ScoreBoard=VirtualBoard)
     with patched(tg, **stubs):
         for name in passes(args):
             clock.now += before.get(name, 0.0)
@@ -725,7 +728,7 @@ def eval_rows(args: tg.Hyperparameters, m: dict, proj: dict) -> list[tuple]:
             fixed("compile + warm-up", m["warmup_seconds"]),
             batches("round-trip", "roundtrip")]
     if args.ttt_enabled:
-        ttt, t, shape = proj["ttt"], m["ttt"], f"{args.ttt_lora_docs} x {args.train_seq_len}"
+        ttt, t, shape = proj["ttt"], m["ttt"], f"{args.ttt_lora_rows} x {args.train_seq_len}"
         rows += [fixed("TTT set-up (documents, plan, adapters)", t["setup_seconds"], full.get("ttt_setup")),
                  fixed("TTT compile + warm-up", t["warmup_seconds"]),  # a --full run's graph is compiled already
                  (f"TTT steps ({shape}, adapting)", ttt["adapted"], t["adapting_step_s"],
@@ -782,8 +785,10 @@ def counts_line(args: tg.Hyperparameters, c: dict, world: int) -> str:
             f"windows = {c['roundtrip_batches']:,} batches of {args.eval_batch_seqs}; ")
     if args.ttt_enabled:
         return line + (f"TTT {c['ttt_documents']:,} of {c['ttt_all_documents']:,} documents ({c['ttt_targets']:,} "
-                       f"targets) in {c['ttt_steps']:,} steps of {args.ttt_lora_docs} x {args.train_seq_len} "
-                       f"(chunks of {args.ttt_lora_chunk}; some row trains in {c['ttt_training_steps']:,}); "
+                       f"targets) in {c['ttt_steps']:,} steps of {args.ttt_lora_rows} x {args.train_seq_len} "
+                       f"({c['ttt_windows']:,} windows of chunks of {args.ttt_lora_chunk}, at most "
+                       f"{c['ttt_max_windows']} of {args.ttt_lora_docs} slots a step; some window trains in "
+                       f"{c['ttt_training_steps']:,}); "
                        f"row-tokens {c['ttt_row_tokens_read']:,} read of {c['ttt_row_tokens']:,} computed "
                        f"({100 * c['ttt_row_tokens_read'] / max(c['ttt_row_tokens'], 1):.0f} %)")
     return line + f"sliding {c['sliding_windows']:,} windows = {c['sliding_batches']:,} batches"

@@ -44,7 +44,7 @@ def runs(tmp_path_factory, data_dir, tokenizer):
         TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024",
         MICRO_BATCH_TOKENS="256", ITERATIONS="6", WARMUP_STEPS="1", LOG_EVERY="1", GPTQ_CALIB_BATCHES="1",
         GPTQ_RESERVE_SECONDS="1", EVAL_STRIDE="32", EVAL_BATCH_SEQS="4", TTT_LORA_CHUNK="16",
-        TTT_LORA_DOCS="4", TTT_LORA_LR="0.01", EMA_DECAY="0.5", OMP_NUM_THREADS="1",
+        TTT_LORA_DOCS="4", TTT_LORA_ROWS="4", TTT_LORA_LR="0.01", EMA_DECAY="0.5", OMP_NUM_THREADS="1",
     )
     out = {}
     for n in RANKS:

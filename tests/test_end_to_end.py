@@ -195,7 +195,8 @@ def test_lora_ttt_end_to_end(training_run, val_tokens):
     step adapts without a deadline), and the run ends ok."""
     cwd, env = training_run
     run_script(cwd, {**env, "EVAL_ONLY": "1", "ARTIFACT": str(cwd / "final_model.int6.ptz"),
-                     "TTT_LORA_CHUNK": "8", "TTT_LORA_DOCS": "8", "TTT_LORA_RANK": "4",
+                     "TTT_LORA_CHUNK": "8", "TTT_LORA_DOCS": "8", "TTT_LORA_ROWS": "8",
+                     "TTT_LORA_RANK": "4",
                      "LOG_PATH": "lora_log.txt", "SCORES_PATH": "scores_lora.npy"})
     train_lines, lines = (cwd / "train_log.txt").read_text().splitlines(), (cwd / "lora_log.txt").read_text().splitlines()
     assert log_line(lines, "final roundtrip ").split(" eval_time")[0] == \

@@ -259,8 +259,9 @@ def test_kill_during_evaluation(tmp_path, tokenizer, data_dir, sig):
     (tmp_path / "submission.json").write_text(json.dumps({"seed": 7, "val_bpb": 1.0}))
     np.save(tmp_path / "scores.npy", np.ones(3, dtype=np.float32))
     env = script_env(**{**TINY_ENV, "ITERATIONS": "2", "WARMUP_STEPS": "0", "TTT_LORA_CHUNK": "1",
-                                    "TTT_LORA_DOCS": "1"},  # one target per TTT step: TTT until killed
-                     **tiny_model_env(tokenizer.vocab_size), DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer.path))
+                                    "TTT_LORA_DOCS": "1", "TTT_LORA_ROWS": "1"},  # one target per TTT step:
+                     **tiny_model_env(tokenizer.vocab_size), DATA_PATH=str(data_dir),  # TTT until killed
+                     TOKENIZER_PATH=str(tokenizer.path))
     proc = subprocess.Popen([sys.executable, str(TRAIN_GPT)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     log, deadline = tmp_path / "train_log.txt", time.monotonic() + 240

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import copy
 import time
+import types
 
 import pytest
 import torch
 
 from conftest import BOS, docs_tokens, runtime, tg, tiny_model
+from lora_padded_reference import padded_scores
 
-SEQ, CHUNK, ROWS = 32, 8, 3
+SEQ, CHUNK, ROWS, DOCS = 32, 8, 3, 6
 
 
 def lora_args(**overrides) -> tg.Hyperparameters:
     kw = dict(vocab_size=320, train_seq_len=SEQ, eval_stride=16, ttt_lora_chunk=CHUNK, ttt_lora_rank=4,
-              ttt_lora_docs=ROWS, ttt_lora_lr=0.05)
+              ttt_lora_rows=ROWS, ttt_lora_docs=DOCS, ttt_lora_lr=0.05)
     args = tg.Hyperparameters(**{**kw, **overrides})
     args.validate()
     return args
@@ -66,28 +68,43 @@ def test_document_spans_partition_targets(stream):
     assert int((stream[:-1] == BOS).sum()) == len(starts) - 1 and int(lengths.max()) > SEQ
 
 
+def schedule(stream):
+    """rank_lora_plan's plan of the whole stream (one rank) under the document mask."""
+    return tg.rank_lora_plan(stream, types.SimpleNamespace(bos_id=BOS, doc_mask=True), lora_args(), runtime())[1]
+
+
 def test_schedule_keeps_stream_order_and_covers_every_target_once(stream):
-    """Rows start documents in stream order (the first ROWS together, in rows 0..ROWS-1), each document runs its chunks
-    in consecutive steps of one row, starting with a reset and training on every chunk but its last; the scored
-    offsets cover every target exactly once, each window lies inside its document and is at most SEQ long."""
+    """Documents start in stream order (the first together), each runs its chunks in order in one adapter slot that no
+    other document in flight holds, starting with a reset and training on every chunk but its last; the scored
+    offsets cover every target exactly once, each window lies inside its document, is at most SEQ long and inside one
+    row, windows of a step do not overlap and come in layout order (empty slots last), and a window that does not
+    start a row starts with BOS. Packing happens: some row holds several windows."""
     starts, lengths = tg.document_spans(stream, BOS)
-    plan = tg.lora_schedule(starts, lengths, ROWS, CHUNK, SEQ)
-    count = torch.zeros(stream.numel() - 1, dtype=torch.int64)
-    first_step, doc_of = [], torch.searchsorted(starts, plan[:, :, 0].contiguous(), right=True) - 1
-    for d, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
-        steps, rows = ((plan[:, :, 1] > 0) & (doc_of == d)).nonzero(as_tuple=True)
-        k = len(steps)
-        assert k == -(-n // CHUNK) and len(set(rows.tolist())) == 1
-        assert torch.equal(steps, torch.arange(int(steps[0]), int(steps[0]) + k))
-        first_step.append(int(steps[0]))
-        entries = plan[steps, rows]
-        assert entries[:, 4].tolist() == [1] + [0] * (k - 1) and entries[:, 3].tolist() == [1] * (k - 1) + [0]
-        for pos, w, frm, _, _ in entries.tolist():
-            assert s <= pos and pos + w <= s + n and w <= SEQ
+    plan = schedule(stream)
+    count, owner, shared = torch.zeros(stream.numel() - 1, dtype=torch.int64), {}, 0
+    first_step, last_k = {}, {}
+    for t, step in enumerate(plan.tolist()):
+        real = [w for w in step if w[1] > 0]
+        assert step[len(real):] == [[0, 0, 0, 0, 0, ROWS * SEQ, DOCS]] * (DOCS - len(real))
+        assert [w[5] for w in real] == sorted(w[5] for w in real)
+        for (pos, w, frm, train, reset, off, slot), nxt in zip(real, real[1:] + [None]):
+            d = int(torch.searchsorted(starts, torch.tensor(pos), right=True)) - 1
+            s, n = int(starts[d]), int(lengths[d])
+            k = (pos - s + frm) // CHUNK
+            assert s <= pos and pos + w <= s + n and 0 < w <= SEQ and off // SEQ == (off + w - 1) // SEQ
+            assert nxt is None or off + w <= nxt[5]
+            assert off % SEQ == 0 or stream[pos] == BOS
+            shared += off % SEQ > 0
+            assert k == last_k.get(d, -1) + 1 and reset == (k == 0) and train == (k < -(-n // CHUNK) - 1)
+            assert owner.setdefault(slot, d) == d and 0 <= slot < DOCS
+            if not train:
+                del owner[slot]
+            first_step.setdefault(d, t)
+            last_k[d] = k
             count[pos + frm : pos + w] += 1
-    assert first_step == sorted(first_step) and first_step[:ROWS] == [0] * ROWS
-    assert plan[0, :, 0].tolist() == starts[:ROWS].tolist()
-    assert bool((count == 1).all())
+    firsts = [first_step[d] for d in range(len(starts))]
+    assert firsts == sorted(firsts) and firsts[0] == 0
+    assert not owner and shared > 0 and bool((count == 1).all())
 
 
 def test_fresh_adapters_score_like_the_plain_model(stream, model):
@@ -150,7 +167,7 @@ def test_deadline_stops_adaptation(stream, model, monkeypatch):
     assert any(" adapted 2 " in line for line in lines if line.startswith("ttt documents "))
     frozen, _ = run_lora(model, stream, lora_args(ttt_lora_lr=0.0))
     starts, lengths = tg.document_spans(stream, BOS)
-    plan = tg.lora_schedule(starts, lengths, ROWS, CHUNK, SEQ)
+    plan = schedule(stream)
     late = int(plan[2:, :, 0][plan[2:, :, 4] == 1].min())  # first position of the first document started at step 2
     assert torch.equal(nll[late:], frozen[late:])
     assert not torch.equal(nll[:late], frozen[:late])
@@ -158,9 +175,12 @@ def test_deadline_stops_adaptation(stream, model, monkeypatch):
     assert not torch.equal(adapted[late:], frozen[late:])
 
 
-def test_compiles_one_graph_on_random_tokens(stream, model, monkeypatch):
-    """Under torch.compile (dynamic=False; aot_eager on CPU) the warm-up compiles the one graph on random tokens only,
-    before the first validation step; the pass then compiles nothing more, and its scores match the eager pass."""
+def test_compiles_its_graphs_on_random_tokens(stream, monkeypatch):
+    """Under torch.compile (dynamic=False; aot_eager on CPU) the warm-up compiles every graph on random tokens only,
+    before the first validation step: the blocks' shared attend and feed code (regional compilation; one more attend
+    graph for the first block, whose input aliases x0), fewer graphs than blocks. The pass then compiles nothing more,
+    its scores match the eager pass, and the blocks are left uncompiled."""
+    model = tiny_model(seed=8, doc_mask=True, num_layers=6, xsa_last_n=6, parallel_start=4)  # 3 blocks of each lane
     compiled, calls = [], []
 
     def backend(gm, example_inputs):
@@ -175,10 +195,11 @@ def test_compiles_one_graph_on_random_tokens(stream, model, monkeypatch):
     nll, _ = run_lora(model, tokens)
     warm = [n for is_val, n in calls if not is_val]
     assert len(warm) == 1 and not calls[0][0] and all(is_val for is_val, _ in calls[1:])
-    assert len(compiled) == 1 and {n for is_val, n in calls if is_val} == {1}
+    assert 2 <= len(compiled) <= 3 < len(model.blocks) and {n for is_val, n in calls if is_val} == {len(compiled)}
+    assert not any("attend" in vars(block) or "feed" in vars(block) for block in model.blocks)
     monkeypatch.undo()
     torch._dynamo.reset()
-    torch.testing.assert_close(nll, run_lora(model, stream)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nll, run_lora(model, stream)[0], rtol=1e-4, atol=1e-4)  # fp32 noise, 6 layers
 
 
 def test_model_is_restored(stream, model):
@@ -189,3 +210,17 @@ def test_model_is_restored(stream, model):
     assert all(type(lin) is torch.nn.Linear for lin in m.blocks.modules() if "Linear" in type(lin).__name__)
     assert all(p.requires_grad for p in m.parameters())
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("doc_mask", [True, False])
+def test_packed_pass_matches_the_padded_one(stream, doc_mask):
+    """With a real LR, every target's score equals the padded pass's (the pre-packing implementation, kept in
+    lora_padded_reference) to fp32 rounding: the same windows, adapters and Adam steps per document, only laid out
+    differently (several windows per row with BOS-segmented attention and grouped matmuls, vs one per row). At LR 0.01
+    adaptation moves scores by ~2 nats and the passes agree to 1e-6 (measured); at the tests' LR 0.05 (~3 nats) Adam's
+    g / sqrt(v) amplifies rounding to 4e-4. Without DOC_MASK no window shares a row, and the pass still matches."""
+    model, lr = tiny_model(seed=8, doc_mask=doc_mask), 0.01
+    packed, _ = run_lora(model, stream, lora_args(ttt_lora_lr=lr))
+    padded = padded_scores(copy.deepcopy(model), stream, ROWS, CHUNK, SEQ, 4, lr)
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    assert (padded - plain_window_scores(model, stream)).abs().max() > 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import json
 import math
@@ -37,17 +38,20 @@ class CountingModel(torch.nn.Module):
 
 class StepRecorder:
     """Stands in for train_gpt.lora_step inside the real evaluate_ttt: records each step on the stream (its plan
-    rows, width, whether it adapts) and, the warm-up step on random tokens apart, does no work. With a clock it
-    advances it by seconds[adapting] per step (the warm-up step included)."""
+    rows, width, whether it adapts; its batch shape in `shapes`: rows, width, window slots) and, the warm-up step
+    on random tokens apart, does no work. With a clock it advances it by seconds[adapting] per step (the warm-up step
+    included)."""
 
     def __init__(self, stream, clock=None, seconds=None):
         self.stream, self.clock, self.seconds, self.steps, self.warmups = stream, clock, seconds, [], 0
+        self.shapes = set()
 
     def __call__(self, model_fn, lora, tokens, plan, width, board, adapting, lr):
         if self.clock is not None:
             self.clock.now += self.seconds[adapting]
         if tokens is self.stream:
             self.steps.append((plan.clone(), width, adapting))
+            self.shapes.add((lora.rows, width, len(plan)))
         else:
             self.warmups += 1
 
@@ -62,7 +66,8 @@ def doc_stream(n: int, mean_doc: int, seed: int = 0) -> torch.Tensor:
 
 def eval_args(seq, stride, batch, chunk, rows, **kw) -> tg.Hyperparameters:
     args = tg.Hyperparameters(vocab_size=320, train_seq_len=seq, eval_stride=stride, eval_batch_seqs=batch,
-                              ttt_lora_chunk=chunk, ttt_lora_docs=rows, ttt_lora_rank=2, **kw)
+                              ttt_lora_chunk=chunk, ttt_lora_rows=rows, ttt_lora_docs=2 * rows,
+                              ttt_lora_rank=2, **kw)
     args.validate()
     return args
 
@@ -80,7 +85,7 @@ def brute_force(args: tg.Hyperparameters, tokens: torch.Tensor, rank: int, world
     if args.ttt_enabled:
         out["ttt"] = StepRecorder(tokens)
         monkeypatch.setattr(tg, "lora_step", out["ttt"])
-        tg.evaluate_ttt(tiny_model(), tokens, None, args, rt, lambda msg: None, math.inf)
+        tg.evaluate_ttt(tiny_model(doc_mask=True), tokens, None, args, rt, lambda msg: None, math.inf)
     else:
         out["sliding"] = CountingModel()
         tg.evaluate(out["sliding"], tokens, None, args.eval_stride, args, rt)
@@ -102,8 +107,9 @@ TTT = {"TTT": True, "no TTT": False}  # TTT_ENABLED: the final pass is TTT's, or
 @pytest.mark.parametrize("case", CASES)
 def test_work_counts_match_what_train_gpt_runs(case, ttt, monkeypatch):
     """For every rank: the score batches of each plain pass are exactly the forwards train_gpt's evaluate runs, and
-    TTT's documents, steps, steps in which some row trains, targets and row-tokens are exactly those of the
-    lora_step calls of train_gpt's evaluate_ttt (each TTT_LORA_DOCS x TRAIN_SEQ_LEN, adapting with no deadline);
+    TTT's documents, steps, steps in which some window trains, windows (in all, most in a step), targets and
+    row-tokens are exactly those of the lora_step calls of train_gpt's evaluate_ttt (each TTT_LORA_ROWS x
+    TRAIN_SEQ_LEN tokens with TTT_LORA_DOCS window slots, adapting with no deadline);
     the ranks' documents and targets add up to the stream's. The counts hold the round-trip pass and the final
     pass only (TTT's, or without TTT the sliding pass)."""
     n, mean_doc, seq, stride, batch, chunk, rows, world = CASES[case]
@@ -118,8 +124,11 @@ def test_work_counts_match_what_train_gpt_runs(case, ttt, monkeypatch):
             assert set(ran[name].calls) <= {(batch, seq)}
         if final == "ttt":
             steps = ran["ttt"].steps
-            plans = torch.stack([plan for plan, _, _ in steps]) if steps else torch.zeros(0, rows, 5, dtype=torch.long)
+            plans = torch.stack([plan for plan, _, _ in steps]) if steps else torch.zeros(0, 2 * rows, 7).long()
             assert ran["ttt"].warmups == 1 and {(w, a) for _, w, a in steps} <= {(seq, True)}
+            assert ran["ttt"].shapes <= {(rows, seq, 2 * rows)}
+            windows = (plans[:, :, 1] > 0).sum(1)
+            assert counts["ttt_windows"] == int(windows.sum()) and counts["ttt_max_windows"] == max(windows, default=0)
             assert counts["ttt_steps"] == len(steps), rank
             assert counts["ttt_documents"] == int(plans[:, :, 4].sum()), rank
             assert counts["ttt_training_steps"] == int(plans[:, :, 3].any(1).sum()), rank
@@ -172,14 +181,17 @@ def test_virtual_replay_cuts_ttt_where_train_gpt_does(deadline, monkeypatch):
     monkeypatch.setattr(tg, "LORA_CHECK_EVERY", 4)
     clock = bench.VirtualClock()
 
+    @contextlib.contextmanager
     def compile_model(model, device):
         clock.now += 40.0
-        return model
+        yield model
 
     real = StepRecorder(tokens, clock, {True: 2.0, False: 1.0})
-    with bench.patched(tg, all_reduce=lambda t, rt, op=None: t, time=clock, lora_step=real, maybe_compile=compile_model), \
+    with bench.patched(tg, all_reduce=lambda t, rt, op=None: t, time=clock, lora_step=real,
+                       compiled_blocks=compile_model), \
             bench.patched(tg.ScoreBoard, finalize=lambda self, b, rt: (0.0, 0.0)):
-        tg.evaluate_ttt(tiny_model(), tokens, None, args, tg.Runtime(0, world, 0, CPU), lambda msg: None, deadline)
+        tg.evaluate_ttt(tiny_model(doc_mask=True), tokens, None, args, tg.Runtime(0, world, 0, CPU), lambda msg: None,
+                        deadline)
     adapted = sum(adapting for _, _, adapting in real.steps)
     unit = dict(prequant=0.0, roundtrip=0.0, ttt_warmup=42.0, ttt_adapting=2.0, ttt_scoring=1.0)
     proj = bench.virtual_eval(args, tokens, world, bench.RingModel(world, math.inf, 0.0), unit, {}, 0.0, deadline)
@@ -216,7 +228,7 @@ def test_evaluation_plays_the_busiest_rank():
                        + [torch.tensor([5])])
     for ttt in (True, False):
         args = tg.Hyperparameters(vocab_size=320, train_seq_len=64, eval_stride=32, eval_batch_seqs=4,
-                                  ttt_lora_chunk=16, ttt_lora_docs=3, ttt_enabled=ttt)
+                                  ttt_lora_chunk=16, ttt_lora_rows=3, ttt_lora_docs=3, ttt_enabled=ttt)
         rank, every = bench.busiest_rank(args, stream, 8)
         key = "ttt_steps" if ttt else "sliding_batches"
         assert every[rank][key] == max(c[key] for c in every) and all(c["rank"] == r for r, c in enumerate(every))
