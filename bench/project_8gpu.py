@@ -25,7 +25,7 @@ adapters), the compile + warm-up of its LoRA graph, and the time of one step ada
 scoring (the same sampled steps run again with adapting=False: what steps cost once the deadline stops
 adaptation). Counted exactly, on the stand-in stream of 62,021,632 targets (DATA_PATH's validation tokens
 tiled; their documents set TTT's work): how many score batches each rank runs in each plain pass and, with TTT,
-its documents and lora_schedule's steps. Modelled: every all-reduce. `train_gpt.all_reduce` is replaced by a
+its documents and rank_lora_plan's steps. Modelled: every all-reduce. `train_gpt.all_reduce` is replaced by a
 stand-in that communicates nothing and records the bytes; a ring model turns bytes into seconds, which are
 ADDED to the measured times (no overlap with compute assumed); DDP's gradient all-reduce is modelled from the
 bytes DDP would reduce. TTT's adapters are per rank, so it makes no all-reduce per step: only its score
@@ -220,7 +220,7 @@ def work_counts(args: tg.Hyperparameters, tokens: torch.Tensor, world: int, rank
     """What rank `rank` of `world` runs when evaluating the stream `tokens` ((n+1,) on CPU, n targets), from
     train_gpt's own functions: windows and score batches of EVAL_BATCH_SEQS windows of the round-trip pass
     (sliding_windows and rank_slice at stride TRAIN_SEQ_LEN; the pre-quant pass's too); then of the final pass:
-    with TTT its documents and lora_schedule's steps (ttt_counts); with TTT_ENABLED=0 the windows and score batches
+    with TTT its documents and rank_lora_plan's steps (ttt_counts); with TTT_ENABLED=0 the windows and score batches
     of the sliding pass (EVAL_STRIDE)."""
     n, rt = tokens.numel() - 1, tg.Runtime(rank, world, 0, torch.device("cpu"))
     out = {"n_targets": n, "world_size": world, "rank": rank}
