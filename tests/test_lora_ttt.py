@@ -199,7 +199,9 @@ def test_compiles_its_graphs_on_random_tokens(stream, monkeypatch):
     assert not any("attend" in vars(block) or "feed" in vars(block) for block in model.blocks)
     monkeypatch.undo()
     torch._dynamo.reset()
-    torch.testing.assert_close(nll, run_lora(model, stream)[0], rtol=1e-4, atol=1e-4)  # fp32 noise, 6 layers
+    # bit-equal at LR 0; with the test's LR 0.05 the blocks' separate backward graphs, which sum gradients in another
+    # fp32 order, drift by up to 1.5e-4 over a document's steps (9.5e-7 at the default LR 3e-4)
+    torch.testing.assert_close(nll, run_lora(model, stream)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_model_is_restored(stream, model):
