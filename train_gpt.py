@@ -761,6 +761,7 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(decoder_steps, model_dim)) if skip_gates else None
         self.lane_merge = nn.Parameter(torch.tensor(0.5)) if 0 < parallel_start < num_layers else None
         self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)  # its output is the head's input
+        self.head_lora = None  # TTT's per-document adapter of the tied output layer (DocumentLoRA), else None
         nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
         nn.init.zeros_(self.bigram.embed.weight)
         nn.init.orthogonal_(self.bigram.proj.weight)
@@ -800,7 +801,10 @@ class GPT(nn.Module):
                 skips.append(x)
         if mlp_lane is not None:
             x = torch.lerp(mlp_lane, x, self.lane_merge.to(x.dtype))
-        logits = F.linear(self.final_norm(x), self.tok_emb.weight.to(x.dtype))
+        x = self.final_norm(x)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        if self.head_lora is not None:
+            logits = logits + self.head_lora(x)
         logits = self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
         if targets is None:
             return logits
@@ -1361,39 +1365,45 @@ grouped_mm.register_autograd(  # of the (M, K) x (S, K, N) form: dA = dY B_s^T, 
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus per-window adapters (LoRA, Hu et al. 2021): x (R, T, in) -> base(x) + (x_s @ a[s]) @
-    b[s] for the tokens of slot s (a (S, in, r), b (S, r, out); offs: lora_step's slot ends in the flattened R*T)."""
+    b[s] for the tokens of slot s (a (S, in, r), b (S, r, out); offs: lora_step's slot ends in the flattened R*T).
+    With base None, the adapter's term alone (the tied output layer's, added to the logits by GPT.forward)."""
 
-    def __init__(self, base: nn.Linear, a: nn.Parameter, b: nn.Parameter, offs: torch.Tensor):
+    def __init__(self, base: nn.Linear | None, a: nn.Parameter, b: nn.Parameter, offs: torch.Tensor):
         super().__init__()
         self.base, self.a, self.b = base, a, b
         self.register_buffer("offs", offs, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # bf16 under autocast: the grouped GPU kernel's dtype (fp32 on CPU)
+        y = x if self.base is None else self.base(x)  # bf16 under autocast: the grouped GPU kernel's dtype
         h = grouped_mm(x.flatten(0, -2).to(y.dtype), self.a.to(y.dtype), self.offs)
-        return y + grouped_mm(h, self.b.to(y.dtype), self.offs).view_as(y)
+        delta = grouped_mm(h, self.b.to(y.dtype), self.offs).view(*x.shape[:-1], -1)
+        return delta if self.base is None else y + delta
 
 
 class DocumentLoRA:
-    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) of a frozen model, installed
-    as LoRALinear wrappers until `remove`, for lora_step's steps of `rows` rows. Each of up to `docs` documents in
-    flight owns a row of `weights` (all its layers' A then B), `v` (Adam's second moments) and `steps`; row `docs`
-    backs empty slots. A step loads its windows' rows into `slots` (docs, P), whose views are every layer's A, B. A
-    fresh row is `init` (A uniform in +-1/sqrt(in) from a fixed seed, B zero; v and steps zero)."""
+    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) and on the tied output layer
+    (as R6) of a frozen model, installed as LoRALinear wrappers until `remove`, for lora_step's steps of `rows` rows.
+    Each of up to `docs` documents in flight owns a row of `weights` (all its layers' A then B), `v` (Adam's second
+    moments) and `steps`; row `docs` backs empty slots. A step loads its windows' rows into `slots` (docs, P), whose
+    views are every layer's A, B. A fresh row is `init` (A uniform in +-1/sqrt(in) from a fixed seed, B zero; v and
+    steps zero)."""
 
     def __init__(self, model: GPT, rows: int, docs: int, rank: int, device: torch.device):
         self.model, self.layers = model, [(m, name, lin) for block in model.blocks for m in (block.attn, block.mlp)
                                           for name, lin in m.named_children() if isinstance(lin, nn.Linear)]
         model.requires_grad_(False)
-        sizes = [(lin.in_features * rank, rank * lin.out_features) for _, _, lin in self.layers]
+        dims = [(lin.in_features, lin.out_features) for _, _, lin in self.layers]
+        self.layers.append((model, "head_lora", None))  # (in, out) of the tied head: the embedding's (dim, vocab)
+        dims.append(tuple(model.tok_emb.weight.shape[::-1]))
+        sizes = [(d_in * rank, rank * d_out) for d_in, d_out in dims]
         self.rows, self.slots = rows, torch.zeros(docs, sum(map(sum, sizes)), device=device)
         self.offs, self.params, init, offset = torch.zeros(docs, dtype=torch.int32, device=device), [], [], 0
         gen = torch.Generator().manual_seed(0)
-        for (m, name, lin), (size_a, size_b) in zip(self.layers, sizes):
-            a = nn.Parameter(self.slots[:, offset : offset + size_a].view(docs, lin.in_features, rank))
+        for (m, name, lin), (d_in, _), (size_a, size_b) in zip(self.layers, dims, sizes):
+            a = nn.Parameter(self.slots[:, offset : offset + size_a].view(docs, d_in, rank))
             b = nn.Parameter(self.slots[:, offset + size_a : offset + size_a + size_b].view(docs, rank, -1))
             setattr(m, name, LoRALinear(lin, a, b, self.offs))
-            init += [(torch.rand(size_a, generator=gen) * 2 - 1) * lin.in_features**-0.5, torch.zeros(size_b)]
+            init += [(torch.rand(size_a, generator=gen) * 2 - 1) * d_in**-0.5, torch.zeros(size_b)]
             self.params, offset = self.params + [a, b], offset + size_a + size_b
         self.init = torch.cat(init).to(device)
         self.weights, self.v = self.init.repeat(docs + 1, 1), torch.zeros(docs + 1, offset, device=device)
