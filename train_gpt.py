@@ -49,6 +49,9 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 
 # ---- 1. Hyperparameters ----------------------------------------------------------------------
 
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
+ENV_PARSERS = {"int": int, "float": float, "str": str, "bool": lambda raw: BOOL_WORDS[raw.strip().lower()]}
+
 
 @dataclass
 class Hyperparameters:
@@ -131,9 +134,11 @@ class Hyperparameters:
         """Build from the environment; returns (hyperparameters, {VAR: raw value} of overrides)."""
         kwargs, overrides = {}, {}
         for f in fields(cls):
-            if (raw := environ.get(f.name.upper())) is not None:
-                kwargs[f.name] = _parse_env_value(f.name.upper(), f.type, raw)
-                overrides[f.name.upper()] = raw
+            if (raw := environ.get(var := f.name.upper())) is not None:
+                try:
+                    kwargs[f.name], overrides[var] = ENV_PARSERS[f.type](raw), raw
+                except (KeyError, ValueError):
+                    raise ValueError(f"{var}={raw!r} is not a valid {f.type}") from None
         args = cls(**kwargs)
         args.validate()
         return args, overrides
@@ -176,18 +181,7 @@ class Hyperparameters:
                 raise ValueError(message)
 
 
-def _parse_env_value(name: str, type_name: str, raw: str):
-    try:
-        if type_name == "bool":
-            return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}[
-                raw.strip().lower()]
-        return {"int": int, "float": float, "str": str}[type_name](raw)
-    except (KeyError, ValueError):
-        raise ValueError(f"{name}={raw!r} is not a valid {type_name}") from None
-
-
 # ---- 2. Runtime and logging ------------------------------------------------------------------
-
 
 @dataclass
 class Runtime:
@@ -407,7 +401,6 @@ class TokenLoader:
 
 # ---- 4. bpb accounting (exactly the challenge's byte rule) -----------------------------------
 
-
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     """Load a SentencePiece model; ValueError if its vocabulary size is not VOCAB_SIZE."""
     if not os.path.isfile(path):
@@ -462,7 +455,6 @@ def bits_per_byte(nll_sum_nats: float, n_bytes: int) -> float:
 
 
 # ---- 5. Model and optimizers -----------------------------------------------------------------
-
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
@@ -892,7 +884,6 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
 
 # ---- 6. Training: wall-clock capped, warm-down by time, EMA ----------------------------------
 
-
 def lr_scale(progress: float, warmdown_frac: float) -> float:
     """1 until the last `warmdown_frac` of training, then linear to 0 at progress 1 (progress in [0, 1])."""
     return 1.0 if warmdown_frac <= 0.0 else max(0.0, min(1.0, (1.0 - progress) / warmdown_frac))
@@ -1246,7 +1237,6 @@ def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
 
 # ---- 8. Evaluation: every target scored exactly once, in stream order ------------------------
 
-
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows covering targets 0..n_targets-1 exactly once, each with >= seq_len-stride context -> (starts,
     score_from), int64 of equal length. Window i reads tokens[start_i : start_i + seq_len] and scores its positions >=
@@ -1517,7 +1507,6 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
 
 
 # ---- 9. Main ---------------------------------------------------------------------------------
-
 
 def check_outputs(args: Hyperparameters, log_path: str) -> None:
     """Pre-flight, before any data is read: create each output's folder, write a scratch file there, require 16 MB free;
