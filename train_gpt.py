@@ -49,6 +49,9 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 
 # ---- 1. Hyperparameters ----------------------------------------------------------------------
 
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
+ENV_PARSERS = {"int": int, "float": float, "str": str, "bool": lambda raw: BOOL_WORDS[raw.strip().lower()]}
+
 
 @dataclass
 class Hyperparameters:
@@ -131,9 +134,11 @@ class Hyperparameters:
         """Build from the environment; returns (hyperparameters, {VAR: raw value} of overrides)."""
         kwargs, overrides = {}, {}
         for f in fields(cls):
-            if (raw := environ.get(f.name.upper())) is not None:
-                kwargs[f.name] = _parse_env_value(f.name.upper(), f.type, raw)
-                overrides[f.name.upper()] = raw
+            if (raw := environ.get(var := f.name.upper())) is not None:
+                try:
+                    kwargs[f.name], overrides[var] = ENV_PARSERS[f.type](raw), raw
+                except (KeyError, ValueError):
+                    raise ValueError(f"{var}={raw!r} is not a valid {f.type}") from None
         args = cls(**kwargs)
         args.validate()
         return args, overrides
@@ -176,18 +181,7 @@ class Hyperparameters:
                 raise ValueError(message)
 
 
-def _parse_env_value(name: str, type_name: str, raw: str):
-    try:
-        if type_name == "bool":
-            return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}[
-                raw.strip().lower()]
-        return {"int": int, "float": float, "str": str}[type_name](raw)
-    except (KeyError, ValueError):
-        raise ValueError(f"{name}={raw!r} is not a valid {type_name}") from None
-
-
 # ---- 2. Runtime and logging ------------------------------------------------------------------
-
 
 @dataclass
 class Runtime:
@@ -252,9 +246,8 @@ def maybe_compile(module, device: torch.device):
 @contextlib.contextmanager
 def compiled_blocks(model: nn.Module, device: torch.device):
     """Regional compilation (https://docs.pytorch.org/tutorials/recipes/regional_compilation.html): inside the context
-    each Block's `attend` and `feed` are compiled in place (maybe_compile) and the rest of the model's forward runs
-    eager. The blocks share one compiled code (their parameters and buffers are graph inputs), so a graph of 14 block
-    passes compiles as a few small graphs: bench/lora_compile.py measures it against compiling the whole model."""
+    each Block's `attend` and `feed` run compiled (maybe_compile), the rest of the forward eager; all blocks share one
+    compiled code (parameters and buffers are graph inputs). bench/lora_compile.py compares whole-model compiling."""
     for block in model.blocks:
         block.attend, block.feed = maybe_compile(block.attend, device), maybe_compile(block.feed, device)
     try:
@@ -407,7 +400,6 @@ class TokenLoader:
 
 # ---- 4. bpb accounting (exactly the challenge's byte rule) -----------------------------------
 
-
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     """Load a SentencePiece model; ValueError if its vocabulary size is not VOCAB_SIZE."""
     if not os.path.isfile(path):
@@ -462,7 +454,6 @@ def bits_per_byte(nll_sum_nats: float, n_bytes: int) -> float:
 
 
 # ---- 5. Model and optimizers -----------------------------------------------------------------
-
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
@@ -896,7 +887,6 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
 
 # ---- 6. Training: wall-clock capped, warm-down by time, EMA ----------------------------------
 
-
 def lr_scale(progress: float, warmdown_frac: float) -> float:
     """1 until the last `warmdown_frac` of training, then linear to 0 at progress 1 (progress in [0, 1])."""
     return 1.0 if warmdown_frac <= 0.0 else max(0.0, min(1.0, (1.0 - progress) / warmdown_frac))
@@ -1250,7 +1240,6 @@ def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
 
 # ---- 8. Evaluation: every target scored exactly once, in stream order ------------------------
 
-
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows covering targets 0..n_targets-1 exactly once, each with >= seq_len-stride context -> (starts,
     score_from), int64 of equal length. Window i reads tokens[start_i : start_i + seq_len] and scores its positions >=
@@ -1418,10 +1407,9 @@ class DocumentLoRA:
 def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Tensor, width: int, board: ScoreBoard,
               adapting: bool, lr: float) -> None:
     """One step (plan (S, 7), a step of rank_lora_plan's) on a (lora.rows, width) batch, each window at its offset of
-    the flattened batch, the rest token 0 (after windows: causal attention hides it). Score each window's chunk into
-    board with its document's adapter (lora's rows `slot`, loaded into `slots`), then, if adapting, one Adam step per
-    document on the mean loss of its chunk unless it is the last: scores come from this step's forward, before the
-    update that uses them. Attention runs per BOS segment (model.segments): windows sharing a row never meet."""
+    the flattened batch, the rest token 0 (after the windows: unseen). Scores each window's chunk into board with its
+    document's adapter, then, if adapting, takes one Adam step per document on its chunk's mean loss unless it is the
+    last: scores come from the forward before that update. Windows in one row never meet (BOS segments)."""
     start, length, score_from, train, _, offset, slot = plan.t().contiguous()
     p = torch.arange(lora.rows * width, device=tokens.device)
     s = (torch.searchsorted(offset, p, right=True) - 1).clamp_min(0)  # the window slot of each flattened position
@@ -1445,16 +1433,14 @@ def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Te
 
 
 def rank_lora_plan(tokens: torch.Tensor, model: GPT, args: Hyperparameters, rt: Runtime) -> tuple[torch.Tensor, ...]:
-    """This rank's TTT work: its consecutive documents of the stream (balanced across ranks by chunk count: a bool
-    mask over document_spans'), up to TTT_LORA_DOCS in flight, their windows packed into TTT_LORA_ROWS rows of
-    TRAIN_SEQ_LEN tokens a step. Documents start in stream order (R6 sorts them by length): a step places the next
-    chunk of each document in flight, oldest first, then starts documents while the next fits. Chunk k of a document
-    of n targets scores its targets k*chunk .. min((k+1)*chunk, n)-1 from its latest <= TRAIN_SEQ_LEN tokens up to
-    there. Windows go first-fit into rows; one not at its document's start, or not at a BOS (model.bos_id), or any
-    without the model's doc_mask, takes an empty row: only a BOS separates windows. Returns (mask, plan (steps,
-    TTT_LORA_DOCS, 7) int64 on CPU: a step's windows in layout order, then empty slots: first input position, length
-    (0: empty), first scored offset, 1 if trained on (all but a document's last chunk), 1 if it starts a document,
-    offset in the flattened rows x TRAIN_SEQ_LEN tokens, adapter slot (TTT_LORA_DOCS: none))."""
+    """This rank's TTT work: its consecutive documents (a bool mask over document_spans', balanced across ranks by
+    chunk count), up to TTT_LORA_DOCS in flight, in stream order (R6 sorts by length). A step places the next chunk
+    of each document in flight, oldest first, then starts documents while the next fits; chunk k of n targets scores
+    k*chunk .. min((k+1)*chunk, n)-1 from the latest <= TRAIN_SEQ_LEN tokens. Windows go first-fit into TTT_LORA_ROWS
+    rows of TRAIN_SEQ_LEN; one not starting at its document's BOS, or any without the model's doc_mask, takes an
+    empty row. Returns (mask, plan (steps, TTT_LORA_DOCS, 7) int64 on CPU: a step's windows in layout order, then
+    empty slots: first input position, length (0: empty), first scored offset, 1 if trained on (not a document's last
+    chunk), 1 if it starts a document, offset in the flattened rows, adapter slot (TTT_LORA_DOCS: none))."""
     chunk, rows, docs, seq_len = args.ttt_lora_chunk, args.ttt_lora_rows, args.ttt_lora_docs, args.train_seq_len
     starts, lengths = document_spans(tokens, model.bos_id)
     chunks = (lengths + chunk - 1) // chunk
@@ -1489,15 +1475,13 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
                  log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
     """Score-first per-document LoRA TTT (R6 PR #1667 / R7 PR #1530): every target is scored once, before any update
     that used it, and no document's score depends on another (fresh adapters per document, attention and adapters per
-    window). Each rank takes consecutive documents (rank_lora_plan) and runs up to TTT_LORA_DOCS at a time, packed into
-    TTT_LORA_ROWS rows a step; the graph is compiled first on random tokens, never validation tokens. If the projected
-    time passes `deadline` (perf_counter s), adapting stops and the remaining steps only score (logged). No collective
-    runs between steps, so ranks never wait for each other until the final all-reduce."""
-    n, device, rows, docs, width = tokens.numel() - 1, rt.device, args.ttt_lora_rows, args.ttt_lora_docs, \
-        args.train_seq_len
+    window). Each rank runs its rank_lora_plan by lora_step, compiled first (compiled_blocks) on random tokens, never
+    validation tokens. If the projected time passes `deadline` (perf_counter s), adapting stops and the remaining
+    steps only score (logged). No collective runs before the final all-reduce."""
+    device, rows, docs, width = rt.device, args.ttt_lora_rows, args.ttt_lora_docs, args.train_seq_len
     mine, plan = rank_lora_plan(tokens, model, args, rt)
-    plan = plan.to(device)
-    board, lora, steps = ScoreBoard(n, device), DocumentLoRA(model, rows, docs, args.ttt_lora_rank, device), len(plan)
+    plan, steps, board = plan.to(device), len(plan), ScoreBoard(tokens.numel() - 1, device)
+    lora = DocumentLoRA(model, rows, docs, args.ttt_lora_rank, device)
     noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)  # compile warm-up:
     fake = [[r * width, width, 0, 0, 1, r * width, r] for r in range(min(rows, docs))]  # untrained, stays fresh
     fake = torch.tensor(fake + [[0, 0, 0, 0, 0, rows * width, docs]] * (docs - len(fake)), device=device)
@@ -1527,7 +1511,6 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
 
 
 # ---- 9. Main ---------------------------------------------------------------------------------
-
 
 def check_outputs(args: Hyperparameters, log_path: str) -> None:
     """Pre-flight, before any data is read: create each output's folder, write a scratch file there, require 16 MB free;
