@@ -33,6 +33,7 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 # oneDNN's AMX bf16 kernels die with SIGILL on virtual machines that advertise AMX without enabling it.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
+import constriction
 import numpy as np
 import sentencepiece as spm
 import torch
@@ -44,7 +45,7 @@ import zstandard
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
-SUBMISSION_NAME = "GQA U-Net + BigramHash + SmearGate, Muon/EMA, GPTQ int6 + zstd, score-first TTT"
+SUBMISSION_NAME = "GQA U-Net + BigramHash + SmearGate, Muon/EMA, GPTQ int6 + rANS, score-first TTT"
 ARTIFACT_LIMIT_BYTES = 16_000_000
 
 # ---- 1. Hyperparameters ----------------------------------------------------------------------
@@ -292,8 +293,8 @@ def interrupt_on_signal(signum: int, _frame) -> None:
 def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runtime, code: bytes, attention: str):
     log(f"run_start {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     log(f"code_sha256 {hashlib.sha256(code).hexdigest()} code_bytes {len(code)}")
-    log(f"python {platform.python_version()} torch {torch.__version__} cuda {torch.version.cuda} "
-        f"numpy {np.__version__} zstandard {zstandard.__version__}")
+    log(f"python {platform.python_version()} torch {torch.__version__} cuda {torch.version.cuda} numpy {np.__version__}"
+        f" zstandard {zstandard.__version__} constriction {importlib.metadata.version('constriction')}")
     if rt.device.type == "cuda":
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         log(f"gpus {len(names)}: {', '.join(names)}")
@@ -1014,13 +1015,13 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
     return n, elapsed, ema
 
 
-# ---- 7. Quantization: GPTQ int6 for block matrices, int7 for embeddings, zstd-22 artifact ----
+# ---- 7. Quantization: GPTQ int6 block matrices, int7 embeddings, rANS + zstd-22 artifact ---
 
 QUANT_MIN_NUMEL = 65_536  # float tensors up to this size are stored as fp16 (2-D) or fp32 (1-D)
 INT6_MAX, INT7_MAX = 31, 63  # block matrices int6, embeddings int7 (GPTQ wherever a Hessian exists)
 INT_KINDS = {INT6_MAX: "int6", INT7_MAX: "int7"}  # artifact entry kind of each code range
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
-ARTIFACT_MAGIC = b"PGOLF-INT-2\n"
+ARTIFACT_MAGIC = b"PGOLF-INT-3\n"  # then the rANS words' count and checksum, the words, a zstd frame
 
 
 def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime) -> dict[str, torch.Tensor]:
@@ -1155,31 +1156,35 @@ def quantize_groups(groups: list[MatrixGroup], alpha: float, use_gptq: bool) -> 
     return entries
 
 
-def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: dict,
-                    max_bytes: int) -> tuple[dict[str, dict], float]:
-    """Quantize so the compressed artifact stays under max_bytes -> (entries, alpha): every step size times the smallest
-    alpha >= 1 that fits, by bisection on round-to-nearest codes, then GPTQ at that alpha, raised until its codes fit.
-    Sizes from zstd level 1 (within ~0.3% of level 22 here: 0.5% margin). ValueError if nothing fits."""
-    target = int(max_bytes * 0.995)
+def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: dict, max_bytes: int,
+                    tolerance: float = 5e-4) -> tuple[dict[str, dict], float]:
+    """Fit max_bytes to within `tolerance` (a fraction) -> (entries, alpha): step sizes times the smallest alpha >= 1
+    that fits, by bisection on round-to-nearest codes, then GPTQ at that alpha, moved by steps of ~n_codes/8 bytes per
+    doubling (ours) into [max_bytes * (1 - tolerance), max_bytes] (or anywhere under at alpha 1 or the 4th GPTQ run).
+    Sizes: pack_artifact's with order-0 entropy for rANS words, the result's by packing it. ValueError if none fits."""
 
     def size(entries: dict) -> int:
-        return len(zstandard.ZstdCompressor(level=1).compress(serialize_artifact(config, {**small, **entries})))
+        rest, codes = serialize_artifact(config, {**small, **entries})
+        nats = -sum(float(torch.xlogy(c, c / c.sum()).sum()) for c in (torch.tensor(h).double() for _, h in codes))
+        return (len(ARTIFACT_MAGIC) + 12 + 4 * math.ceil(nats / math.log(2) / 32 + 2)  # 2 words: the final state
+                + len(zstandard.ZstdCompressor(level=22, write_checksum=True).compress(rest)))
     lo, hi = 1.0, 1.0
-    while size(quantize_groups(groups, hi, use_gptq=False)) > target:
-        if hi > 1e3:  # every code is already 0
-            raise ValueError(f"cannot fit the artifact in {max_bytes} bytes: the small tensors alone take "
-                             f"{size({})} compressed; use a smaller model or vocabulary")
+    while hi <= 1e3 and size(quantize_groups(groups, hi, use_gptq=False)) > max_bytes:  # at 1e3 every code is 0
         lo, hi = hi, hi * 1.25
-    for _ in range(8 if hi > 1.0 else 0):
+    for _ in range(8 if 1.0 < hi <= 1e3 else 0):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if size(quantize_groups(groups, mid, use_gptq=False)) <= target else (mid, hi)
-    alpha = hi
-    while True:
-        entries = quantize_groups(groups, alpha, use_gptq=True)
-        excess = size(entries) / target - 1.0
-        if excess <= 0:
-            return {**small, **entries}, alpha
-        alpha *= 2.0 ** (6.0 * excess + 0.002)  # ~5-6 bits per code: size ~ -log2(alpha) per code
+        lo, hi = (lo, mid) if size(quantize_groups(groups, mid, use_gptq=False)) <= max_bytes else (mid, hi)
+    alpha, fix, runs, n_codes = hi, 0, 0, max(sum(g.w.numel() for g in groups), 1)  # fix: real size - estimate
+    while alpha <= 1e3:
+        entries, runs = {**small, **quantize_groups(groups, alpha, use_gptq=True)}, runs + 1
+        est = size(entries) + fix
+        if est <= max_bytes and (est >= max_bytes * (1 - tolerance) or alpha == 1.0 or runs >= 4):
+            if (real := len(pack_artifact(config, entries))) <= max_bytes:
+                return entries, alpha
+            fix, est = fix + real - est, real
+        alpha = max(1.0, alpha * 2.0 ** (8 * (est - max_bytes * (1 - tolerance / 2)) / n_codes))
+    raise ValueError(f"cannot fit the artifact in {max_bytes} bytes: the small tensors alone take {size({})} packed; "
+                     "use a smaller model or vocabulary")
 
 
 def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
@@ -1188,44 +1193,67 @@ def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
             for name, e in entries.items()}
 
 
-def serialize_artifact(config: dict, entries: dict[str, dict]) -> bytes:
-    """Uncompressed artifact, no pickle: magic, raw arrays grouped by kind (int6 codes, int7 codes, their scales, fp16,
-    fp32), then the JSON header (ahead of the codes it cost zstd-22 up to 6%) and its 8-byte length."""
-    header = {"config": config, "tensors": []}
-    parts, offset = [], 0
+def code_model(counts: list[int]):
+    """constriction's Categorical model of codes min, min+1, ... from their histogram (the same for the decoder)."""
+    return constriction.stream.model.Categorical(np.array(counts, np.float64) / sum(counts), perfect=False)
+
+
+def serialize_artifact(config: dict, entries: dict[str, dict]) -> tuple[bytes, list[tuple[torch.Tensor, list[int]]]]:
+    """The artifact's content, no pickle -> (rest, codes). rest: raw arrays other than codes, by kind (int6/int7 scales,
+    fp16, fp32), a JSON header (config; per array name, kind, field, dtype, shape, offset in rest or, for codes, their
+    minimum and histogram) and its 8-byte length. codes: (codes - min, flat, histogram) per int6/int7 tensor."""
+    header, parts, codes, offset = {"config": config, "tensors": []}, [], [], 0
     order = [(k, f) for f in ("q", "scale") for k in INT_KINDS.values()] + [("fp16", "data"), ("fp32", "data")]
     for kind, field in order:
         for name, e in ((name, e) for name, e in entries.items() if e["kind"] == kind):
-            arr = e[field].detach().cpu().contiguous().numpy()
-            header["tensors"].append({"name": name, "kind": kind, "field": field, "dtype": str(arr.dtype),
-                                      "shape": list(arr.shape), "offset": offset})
-            parts.append(arr.tobytes())
-            offset += arr.nbytes
+            t = e[field].detach()
+            info = {"name": name, "kind": kind, "field": field, "dtype": str(t.dtype)[6:], "shape": list(t.shape)}
+            if field == "q":
+                sym = t.flatten() - (low := int(t.min()))  # int8 (0..2 qmax): bincount is fastest on it
+                codes.append((sym, torch.bincount(sym, minlength=2).tolist()))  # constriction refuses a 1-symbol table
+                info.update(min=low, counts=codes[-1][1])
+            else:
+                parts.append((arr := t.cpu().contiguous().numpy()).tobytes())
+                info["offset"], offset = offset, offset + arr.nbytes
+            header["tensors"].append(info)
     head = json.dumps(header).encode()
-    return ARTIFACT_MAGIC + b"".join(parts) + head + len(head).to_bytes(8, "little")
+    return b"".join(parts) + head + len(head).to_bytes(8, "little"), codes
 
 
 def pack_artifact(config: dict, entries: dict[str, dict]) -> bytes:
-    """The artifact file's bytes: serialize_artifact compressed with zstd level 22."""
-    return zstandard.ZstdCompressor(level=22).compress(serialize_artifact(config, entries))
+    """The file's bytes: ARTIFACT_MAGIC, the rANS words' count (8 bytes LE) and BLAKE2b-32 (4), the words (uint32 LE):
+    all int6/int7 codes in one rANS stream (Duda 2013; constriction's AnsCoder, Bamler 2022), each tensor's under the
+    Categorical model of its histogram (order-0 entropy + a few bytes), then serialize_artifact's rest as zstd-22."""
+    rest, codes = serialize_artifact(config, entries)
+    coder = constriction.stream.stack.AnsCoder()
+    for sym, counts in reversed(codes):  # a stack: the last tensor goes in first, so decoding runs in header order
+        coder.encode_reverse(sym.cpu().numpy().astype(np.int32), code_model(counts))
+    words = coder.get_compressed().astype("<u4").tobytes()
+    return (ARTIFACT_MAGIC + (len(words) // 4).to_bytes(8, "little") + hashlib.blake2b(words, digest_size=4).digest()
+            + words + zstandard.ZstdCompressor(level=22, write_checksum=True).compress(rest))
 
 
 def unpack_artifact(blob: bytes, source: str = "blob") -> tuple[dict, dict[str, dict]]:
-    """Inverse of pack_artifact -> (config, entries); ValueError naming `source` if truncated or not an artifact."""
+    """Inverse of pack_artifact -> (config, entries); ValueError naming `source` if it is not an artifact of this format
+    (magic), or truncated or corrupted (the words' length and checksum, zstd's checksum, the rANS stream's end)."""
+    bad = f"{source} is truncated or not a train_gpt.py artifact"
+    if not blob.startswith(ARTIFACT_MAGIC):
+        raise ValueError(f"{bad} (bad magic)")
+    end = (at := len(ARTIFACT_MAGIC) + 12) + 4 * int.from_bytes(blob[at - 12 : at - 4], "little")  # the words: at:end
+    if len(blob) < end or hashlib.blake2b(blob[at:end], digest_size=4).digest() != blob[at - 4 : at]:
+        raise ValueError(f"{bad} (rANS words: length or checksum)")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31)
+        raw = zstandard.ZstdDecompressor().decompress(blob[end:], max_output_size=1 << 31)
     except zstandard.ZstdError as e:
-        raise ValueError(f"{source} is truncated or not a train_gpt.py artifact (zstd: {e})") from None
-    if not raw.startswith(ARTIFACT_MAGIC):
-        raise ValueError(f"{source} is not a train_gpt.py artifact (bad magic)")
-    head_len = int.from_bytes(raw[-8:], "little")
-    header = json.loads(raw[-8 - head_len : -8])
-    payload = memoryview(raw)[len(ARTIFACT_MAGIC) : -8 - head_len]
-    entries: dict[str, dict] = {}
+        raise ValueError(f"{bad} (zstd: {e})") from None
+    header = json.loads(raw[-8 - int.from_bytes(raw[-8:], "little") : -8])
+    decoder, entries = constriction.stream.stack.AnsCoder(np.frombuffer(blob[at:end], "<u4").astype(np.uint32)), {}
     for t in header["tensors"]:
-        arr = np.frombuffer(payload, dtype=np.dtype(t["dtype"]), count=int(np.prod(t["shape"])), offset=t["offset"])
-        entry = entries.setdefault(t["name"], {"kind": t["kind"]})
-        entry[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]).copy())
+        arr = ((decoder.decode(code_model(c := t["counts"]), sum(c)) + t["min"]).astype(t["dtype"]) if t["field"] == "q"
+               else np.frombuffer(raw, np.dtype(t["dtype"]), int(np.prod(t["shape"])), t["offset"]).copy())
+        entries.setdefault(t["name"], {"kind": t["kind"]})[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]))
+    if not decoder.is_empty():  # the models differ from the encoder's (another constriction version?) or the header
+        raise ValueError(f"{bad} (rANS stream not at its end after the last code)")
     return header["config"], entries
 
 
@@ -1616,11 +1644,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
 
         t_eval = time.perf_counter()  # from here on everything counts as evaluation time
         if rt.is_main:
-            blob = pack_artifact(config, entries)
-            while len(blob) > max_bytes:  # level 22 landed above the level-1 estimate: refit to the real size
-                log(f"artifact {len(blob)} bytes > {max_bytes}: re-quantizing with a smaller target")
-                entries, alpha = quantize_to_fit(groups, small, config, max_bytes * max_bytes // len(blob))
-                blob = pack_artifact(config, entries)
+            if len(blob := pack_artifact(config, entries)) > max_bytes:  # quantize_to_fit packed and measured these
+                raise RuntimeError(f"artifact of {len(blob)} bytes > {max_bytes}: not written")
             atomic_write(args.artifact, blob)
             log(f"artifact written in {time.perf_counter() - t_eval:.1f}s step_scale {alpha:.4f}")
             del groups, small, entries
