@@ -309,8 +309,7 @@ def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runt
 
 # ---- 3. Data: challenge shards (256 x int32 header, then uint16 tokens) ----------------------
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS, SHARD_HEADER_BYTES = 20240520, 1, 256, 1024  # 256 int32
 
 
 def find_shards(pattern: str) -> list[str]:
@@ -330,8 +329,7 @@ def open_shard(path: str) -> np.ndarray:
     if int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
         raise ValueError(f"{path}: header magic/version {int(header[0])}/{int(header[1])}, expected "
                          f"{SHARD_MAGIC}/{SHARD_VERSION}: not a challenge shard; re-create it with the data script")
-    num_tokens = int(header[2])
-    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    expected = SHARD_HEADER_BYTES + 2 * (num_tokens := int(header[2]))
     if (actual := os.path.getsize(path)) != expected:
         raise ValueError(f"{path}: {actual} bytes, but its header promises {num_tokens} tokens ({expected} bytes): "
                          "truncated or corrupt; download it again")
@@ -617,8 +615,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = nn.Linear(dim, dim, bias=False)
-        self.c_k = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
-        self.c_v = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.c_k, self.c_v = (nn.Linear(dim, num_kv_heads * self.head_dim, bias=False) for _ in "kv")
         self.proj = nn.Linear(dim, dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.gate = nn.Parameter(torch.zeros(num_heads, GATE_INPUTS)) if gate else None
@@ -643,8 +640,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc = nn.Linear(dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, dim, bias=False)
+        self.fc, self.proj = nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
@@ -793,10 +789,8 @@ class GPT(nn.Module):
                 skips.append(x)
         if mlp_lane is not None:
             x = torch.lerp(mlp_lane, x, self.lane_merge.to(x.dtype))
-        x = self.final_norm(x)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        if self.head_lora is not None:
-            logits = logits + self.head_lora(x)
+        x = self.final_norm(x)  # the tied head, plus TTT's adapter of it while DocumentLoRA installs one
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) + (0 if self.head_lora is None else self.head_lora(x))
         logits = self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
         if targets is None:
             return logits
@@ -1286,8 +1280,7 @@ class ScoreBoard:
     """Per-target NLL (nats, fp32) and a count of how often each target was scored, on one device."""
 
     def __init__(self, n_targets: int, device: torch.device):
-        self.nll = torch.zeros(n_targets, device=device)
-        self.count = torch.zeros(n_targets, device=device, dtype=torch.int32)
+        self.nll, self.count = (torch.zeros(n_targets, device=device, dtype=d) for d in (torch.float32, torch.int32))
 
     def add(self, targets: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add nll (k,) at target indices (k,) int64; with a bool mask (k,), only where it is set (no host sync)."""
@@ -1398,20 +1391,18 @@ class LoRALinear(nn.Module):
 
 
 class DocumentLoRA:
-    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) and on the tied output layer
-    (as R6) of a frozen model, installed as LoRALinear wrappers until `remove`, for lora_step's steps of `rows` rows.
-    Each of up to `docs` documents in flight owns a row of `weights` (all its layers' A then B), `v` (Adam's second
-    moments) and `steps`; row `docs` backs empty slots. A step loads its windows' rows into `slots` (docs, P), whose
-    views are every layer's A, B. A fresh row is `init` (A uniform in +-1/sqrt(in) from a fixed seed, B zero; v and
-    steps zero)."""
+    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) and the tied head (R6) of
+    a frozen model, installed as LoRALinear wrappers until `remove`, for lora_step's steps of `rows` rows. Each of
+    up to `docs` documents in flight owns a row of `weights` (all its layers' A then B), `v` (Adam's second moments) and
+    `steps`; row `docs` backs empty slots. A step loads its windows' rows into `slots` (docs, P), whose views are every
+    layer's A, B. A fresh row is `init` (A uniform in +-1/sqrt(in) from a fixed seed, B zero; v and steps zero)."""
 
     def __init__(self, model: GPT, rows: int, docs: int, rank: int, device: torch.device):
         self.model, self.layers = model, [(m, name, lin) for block in model.blocks for m in (block.attn, block.mlp)
                                           for name, lin in m.named_children() if isinstance(lin, nn.Linear)]
         model.requires_grad_(False)
-        dims = [(lin.in_features, lin.out_features) for _, _, lin in self.layers]
-        self.layers.append((model, "head_lora", None))  # (in, out) of the tied head: the embedding's (dim, vocab)
-        dims.append(tuple(model.tok_emb.weight.shape[::-1]))
+        dims = [(lin.in_features, lin.out_features) for *_, lin in self.layers] + [model.tok_emb.weight.shape[::-1]]
+        self.layers.append((model, "head_lora", None))  # the tied head: (in, out) is the embedding's (dim, vocab)
         sizes = [(d_in * rank, rank * d_out) for d_in, d_out in dims]
         self.rows, self.slots = rows, torch.zeros(docs, sum(map(sum, sizes)), device=device)
         self.offs, self.params, init, offset = torch.zeros(docs, dtype=torch.int32, device=device), [], [], 0
