@@ -33,6 +33,7 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 # oneDNN's AMX bf16 kernels die with SIGILL on virtual machines that advertise AMX without enabling it.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
+import constriction
 import numpy as np
 import sentencepiece as spm
 import torch
@@ -44,10 +45,13 @@ import zstandard
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
-SUBMISSION_NAME = "GQA U-Net + BigramHash + SmearGate, Muon/EMA, GPTQ int6 + zstd, score-first TTT"
+SUBMISSION_NAME = "GQA U-Net + BigramHash + SmearGate, Muon/EMA, GPTQ int6 + rANS, score-first TTT"
 ARTIFACT_LIMIT_BYTES = 16_000_000
 
 # ---- 1. Hyperparameters ----------------------------------------------------------------------
+
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
+ENV_PARSERS = {"int": int, "float": float, "str": str, "bool": lambda raw: BOOL_WORDS[raw.strip().lower()]}
 
 
 @dataclass
@@ -56,9 +60,9 @@ class Hyperparameters:
     Defaults are the contest run (8 GPUs x 600 s). Raises ValueError for unparsable or inconsistent values."""
 
     # data, tokenizer, outputs
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    vocab_size: int = 1024
+    data_path: str = "./data/datasets/fineweb10B_sp8192"
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"
+    vocab_size: int = 8192  # P300 seed 1337: 1.2712 after TTT against 1.2767 (3-seed mean) with sp1024
     seed: int = 1337
     artifact: str = "final_model.int6.ptz"  # written after training; read back for every score
     log_path: str = ""  # "" -> train_log.txt (eval_log.txt with EVAL_ONLY)
@@ -131,9 +135,11 @@ class Hyperparameters:
         """Build from the environment; returns (hyperparameters, {VAR: raw value} of overrides)."""
         kwargs, overrides = {}, {}
         for f in fields(cls):
-            if (raw := environ.get(f.name.upper())) is not None:
-                kwargs[f.name] = _parse_env_value(f.name.upper(), f.type, raw)
-                overrides[f.name.upper()] = raw
+            if (raw := environ.get(var := f.name.upper())) is not None:
+                try:
+                    kwargs[f.name], overrides[var] = ENV_PARSERS[f.type](raw), raw
+                except (KeyError, ValueError):
+                    raise ValueError(f"{var}={raw!r} is not a valid {f.type}") from None
         args = cls(**kwargs)
         args.validate()
         return args, overrides
@@ -176,18 +182,7 @@ class Hyperparameters:
                 raise ValueError(message)
 
 
-def _parse_env_value(name: str, type_name: str, raw: str):
-    try:
-        if type_name == "bool":
-            return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}[
-                raw.strip().lower()]
-        return {"int": int, "float": float, "str": str}[type_name](raw)
-    except (KeyError, ValueError):
-        raise ValueError(f"{name}={raw!r} is not a valid {type_name}") from None
-
-
 # ---- 2. Runtime and logging ------------------------------------------------------------------
-
 
 @dataclass
 class Runtime:
@@ -252,9 +247,8 @@ def maybe_compile(module, device: torch.device):
 @contextlib.contextmanager
 def compiled_blocks(model: nn.Module, device: torch.device):
     """Regional compilation (https://docs.pytorch.org/tutorials/recipes/regional_compilation.html): inside the context
-    each Block's `attend` and `feed` are compiled in place (maybe_compile) and the rest of the model's forward runs
-    eager. The blocks share one compiled code (their parameters and buffers are graph inputs), so a graph of 14 block
-    passes compiles as a few small graphs: bench/lora_compile.py measures it against compiling the whole model."""
+    each Block's `attend` and `feed` run compiled (maybe_compile), the rest of the forward eager; all blocks share one
+    compiled code (parameters and buffers are graph inputs). bench/lora_compile.py compares whole-model compiling."""
     for block in model.blocks:
         block.attend, block.feed = maybe_compile(block.attend, device), maybe_compile(block.feed, device)
     try:
@@ -299,8 +293,8 @@ def interrupt_on_signal(signum: int, _frame) -> None:
 def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runtime, code: bytes, attention: str):
     log(f"run_start {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     log(f"code_sha256 {hashlib.sha256(code).hexdigest()} code_bytes {len(code)}")
-    log(f"python {platform.python_version()} torch {torch.__version__} cuda {torch.version.cuda} "
-        f"numpy {np.__version__} zstandard {zstandard.__version__}")
+    log(f"python {platform.python_version()} torch {torch.__version__} cuda {torch.version.cuda} numpy {np.__version__}"
+        f" zstandard {zstandard.__version__} constriction {importlib.metadata.version('constriction')}")
     if rt.device.type == "cuda":
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         log(f"gpus {len(names)}: {', '.join(names)}")
@@ -315,8 +309,7 @@ def log_run_header(log: Logger, args: Hyperparameters, overrides: dict, rt: Runt
 
 # ---- 3. Data: challenge shards (256 x int32 header, then uint16 tokens) ----------------------
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS, SHARD_HEADER_BYTES = 20240520, 1, 256, 1024  # 256 int32
 
 
 def find_shards(pattern: str) -> list[str]:
@@ -336,8 +329,7 @@ def open_shard(path: str) -> np.ndarray:
     if int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
         raise ValueError(f"{path}: header magic/version {int(header[0])}/{int(header[1])}, expected "
                          f"{SHARD_MAGIC}/{SHARD_VERSION}: not a challenge shard; re-create it with the data script")
-    num_tokens = int(header[2])
-    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    expected = SHARD_HEADER_BYTES + 2 * (num_tokens := int(header[2]))
     if (actual := os.path.getsize(path)) != expected:
         raise ValueError(f"{path}: {actual} bytes, but its header promises {num_tokens} tokens ({expected} bytes): "
                          "truncated or corrupt; download it again")
@@ -407,7 +399,6 @@ class TokenLoader:
 
 # ---- 4. bpb accounting (exactly the challenge's byte rule) -----------------------------------
 
-
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     """Load a SentencePiece model; ValueError if its vocabulary size is not VOCAB_SIZE."""
     if not os.path.isfile(path):
@@ -462,7 +453,6 @@ def bits_per_byte(nll_sum_nats: float, n_bytes: int) -> float:
 
 
 # ---- 5. Model and optimizers -----------------------------------------------------------------
-
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
@@ -625,8 +615,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = nn.Linear(dim, dim, bias=False)
-        self.c_k = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
-        self.c_v = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.c_k, self.c_v = (nn.Linear(dim, num_kv_heads * self.head_dim, bias=False) for _ in "kv")
         self.proj = nn.Linear(dim, dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.gate = nn.Parameter(torch.zeros(num_heads, GATE_INPUTS)) if gate else None
@@ -651,8 +640,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc = nn.Linear(dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, dim, bias=False)
+        self.fc, self.proj = nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
@@ -761,6 +749,7 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(decoder_steps, model_dim)) if skip_gates else None
         self.lane_merge = nn.Parameter(torch.tensor(0.5)) if 0 < parallel_start < num_layers else None
         self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)  # its output is the head's input
+        self.head_lora = None  # TTT's per-document adapter of the tied output layer (DocumentLoRA), else None
         nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
         nn.init.zeros_(self.bigram.embed.weight)
         nn.init.orthogonal_(self.bigram.proj.weight)
@@ -800,7 +789,8 @@ class GPT(nn.Module):
                 skips.append(x)
         if mlp_lane is not None:
             x = torch.lerp(mlp_lane, x, self.lane_merge.to(x.dtype))
-        logits = F.linear(self.final_norm(x), self.tok_emb.weight.to(x.dtype))
+        x = self.final_norm(x)  # the tied head, plus TTT's adapter of it while DocumentLoRA installs one
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) + (0 if self.head_lora is None else self.head_lora(x))
         logits = self.logit_softcap * torch.tanh(logits.float() / self.logit_softcap)
         if targets is None:
             return logits
@@ -891,7 +881,6 @@ def build_optimizers(model: GPT, args: Hyperparameters, rt: Runtime) -> list[tor
 
 
 # ---- 6. Training: wall-clock capped, warm-down by time, EMA ----------------------------------
-
 
 def lr_scale(progress: float, warmdown_frac: float) -> float:
     """1 until the last `warmdown_frac` of training, then linear to 0 at progress 1 (progress in [0, 1])."""
@@ -1020,13 +1009,13 @@ def train(args: Hyperparameters, model: GPT, loader: TokenLoader, rt: Runtime, a
     return n, elapsed, ema
 
 
-# ---- 7. Quantization: GPTQ int6 for block matrices, int7 for embeddings, zstd-22 artifact ----
+# ---- 7. Quantization: GPTQ int6 block matrices, int7 embeddings, rANS + zstd-22 artifact ---
 
 QUANT_MIN_NUMEL = 65_536  # float tensors up to this size are stored as fp16 (2-D) or fp32 (1-D)
 INT6_MAX, INT7_MAX = 31, 63  # block matrices int6, embeddings int7 (GPTQ wherever a Hessian exists)
 INT_KINDS = {INT6_MAX: "int6", INT7_MAX: "int7"}  # artifact entry kind of each code range
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
-ARTIFACT_MAGIC = b"PGOLF-INT-2\n"
+ARTIFACT_MAGIC = b"PGOLF-INT-3\n"  # then the rANS words' count and checksum, the words, a zstd frame
 
 
 def collect_hessians(model: GPT, loader: TokenLoader, batches: int, rt: Runtime) -> dict[str, torch.Tensor]:
@@ -1161,31 +1150,35 @@ def quantize_groups(groups: list[MatrixGroup], alpha: float, use_gptq: bool) -> 
     return entries
 
 
-def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: dict,
-                    max_bytes: int) -> tuple[dict[str, dict], float]:
-    """Quantize so the compressed artifact stays under max_bytes -> (entries, alpha): every step size times the smallest
-    alpha >= 1 that fits, by bisection on round-to-nearest codes, then GPTQ at that alpha, raised until its codes fit.
-    Sizes from zstd level 1 (within ~0.3% of level 22 here: 0.5% margin). ValueError if nothing fits."""
-    target = int(max_bytes * 0.995)
+def quantize_to_fit(groups: list[MatrixGroup], small: dict[str, dict], config: dict, max_bytes: int,
+                    tolerance: float = 5e-4) -> tuple[dict[str, dict], float]:
+    """Fit max_bytes to within `tolerance` (a fraction) -> (entries, alpha): step sizes times the smallest alpha >= 1
+    that fits, by bisection on round-to-nearest codes, then GPTQ at that alpha, moved by steps of ~n_codes/8 bytes per
+    doubling (ours) into [max_bytes * (1 - tolerance), max_bytes] (or anywhere under at alpha 1 or the 4th GPTQ run).
+    Sizes: pack_artifact's with order-0 entropy for rANS words, the result's by packing it. ValueError if none fits."""
 
     def size(entries: dict) -> int:
-        return len(zstandard.ZstdCompressor(level=1).compress(serialize_artifact(config, {**small, **entries})))
+        rest, codes = serialize_artifact(config, {**small, **entries})
+        nats = -sum(float(torch.xlogy(c, c / c.sum()).sum()) for c in (torch.tensor(h).double() for _, h in codes))
+        return (len(ARTIFACT_MAGIC) + 12 + 4 * math.ceil(nats / math.log(2) / 32 + 2)  # 2 words: the final state
+                + len(zstandard.ZstdCompressor(level=22, write_checksum=True).compress(rest)))
     lo, hi = 1.0, 1.0
-    while size(quantize_groups(groups, hi, use_gptq=False)) > target:
-        if hi > 1e3:  # every code is already 0
-            raise ValueError(f"cannot fit the artifact in {max_bytes} bytes: the small tensors alone take "
-                             f"{size({})} compressed; use a smaller model or vocabulary")
+    while hi <= 1e3 and size(quantize_groups(groups, hi, use_gptq=False)) > max_bytes:  # at 1e3 every code is 0
         lo, hi = hi, hi * 1.25
-    for _ in range(8 if hi > 1.0 else 0):
+    for _ in range(8 if 1.0 < hi <= 1e3 else 0):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if size(quantize_groups(groups, mid, use_gptq=False)) <= target else (mid, hi)
-    alpha = hi
-    while True:
-        entries = quantize_groups(groups, alpha, use_gptq=True)
-        excess = size(entries) / target - 1.0
-        if excess <= 0:
-            return {**small, **entries}, alpha
-        alpha *= 2.0 ** (6.0 * excess + 0.002)  # ~5-6 bits per code: size ~ -log2(alpha) per code
+        lo, hi = (lo, mid) if size(quantize_groups(groups, mid, use_gptq=False)) <= max_bytes else (mid, hi)
+    alpha, fix, runs, n_codes = hi, 0, 0, max(sum(g.w.numel() for g in groups), 1)  # fix: real size - estimate
+    while alpha <= 1e3:
+        entries, runs = {**small, **quantize_groups(groups, alpha, use_gptq=True)}, runs + 1
+        est = size(entries) + fix
+        if est <= max_bytes and (est >= max_bytes * (1 - tolerance) or alpha == 1.0 or runs >= 4):
+            if (real := len(pack_artifact(config, entries))) <= max_bytes:
+                return entries, alpha
+            fix, est = fix + real - est, real
+        alpha = max(1.0, alpha * 2.0 ** (8 * (est - max_bytes * (1 - tolerance / 2)) / n_codes))
+    raise ValueError(f"cannot fit the artifact in {max_bytes} bytes: the small tensors alone take {size({})} packed; "
+                     "use a smaller model or vocabulary")
 
 
 def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
@@ -1194,44 +1187,67 @@ def dequantize_entries(entries: dict[str, dict]) -> dict[str, torch.Tensor]:
             for name, e in entries.items()}
 
 
-def serialize_artifact(config: dict, entries: dict[str, dict]) -> bytes:
-    """Uncompressed artifact, no pickle: magic, raw arrays grouped by kind (int6 codes, int7 codes, their scales, fp16,
-    fp32), then the JSON header (ahead of the codes it cost zstd-22 up to 6%) and its 8-byte length."""
-    header = {"config": config, "tensors": []}
-    parts, offset = [], 0
+def code_model(counts: list[int]):
+    """constriction's Categorical model of codes min, min+1, ... from their histogram (the same for the decoder)."""
+    return constriction.stream.model.Categorical(np.array(counts, np.float64) / sum(counts), perfect=False)
+
+
+def serialize_artifact(config: dict, entries: dict[str, dict]) -> tuple[bytes, list[tuple[torch.Tensor, list[int]]]]:
+    """The artifact's content, no pickle -> (rest, codes). rest: raw arrays other than codes, by kind (int6/int7 scales,
+    fp16, fp32), a JSON header (config; per array name, kind, field, dtype, shape, offset in rest or, for codes, their
+    minimum and histogram) and its 8-byte length. codes: (codes - min, flat, histogram) per int6/int7 tensor."""
+    header, parts, codes, offset = {"config": config, "tensors": []}, [], [], 0
     order = [(k, f) for f in ("q", "scale") for k in INT_KINDS.values()] + [("fp16", "data"), ("fp32", "data")]
     for kind, field in order:
         for name, e in ((name, e) for name, e in entries.items() if e["kind"] == kind):
-            arr = e[field].detach().cpu().contiguous().numpy()
-            header["tensors"].append({"name": name, "kind": kind, "field": field, "dtype": str(arr.dtype),
-                                      "shape": list(arr.shape), "offset": offset})
-            parts.append(arr.tobytes())
-            offset += arr.nbytes
+            t = e[field].detach()
+            info = {"name": name, "kind": kind, "field": field, "dtype": str(t.dtype)[6:], "shape": list(t.shape)}
+            if field == "q":
+                sym = t.flatten() - (low := int(t.min()))  # int8 (0..2 qmax): bincount is fastest on it
+                codes.append((sym, torch.bincount(sym, minlength=2).tolist()))  # constriction refuses a 1-symbol table
+                info.update(min=low, counts=codes[-1][1])
+            else:
+                parts.append((arr := t.cpu().contiguous().numpy()).tobytes())
+                info["offset"], offset = offset, offset + arr.nbytes
+            header["tensors"].append(info)
     head = json.dumps(header).encode()
-    return ARTIFACT_MAGIC + b"".join(parts) + head + len(head).to_bytes(8, "little")
+    return b"".join(parts) + head + len(head).to_bytes(8, "little"), codes
 
 
 def pack_artifact(config: dict, entries: dict[str, dict]) -> bytes:
-    """The artifact file's bytes: serialize_artifact compressed with zstd level 22."""
-    return zstandard.ZstdCompressor(level=22).compress(serialize_artifact(config, entries))
+    """The file's bytes: ARTIFACT_MAGIC, the rANS words' count (8 bytes LE) and BLAKE2b-32 (4), the words (uint32 LE):
+    all int6/int7 codes in one rANS stream (Duda 2013; constriction's AnsCoder, Bamler 2022), each tensor's under the
+    Categorical model of its histogram (order-0 entropy + a few bytes), then serialize_artifact's rest as zstd-22."""
+    rest, codes = serialize_artifact(config, entries)
+    coder = constriction.stream.stack.AnsCoder()
+    for sym, counts in reversed(codes):  # a stack: the last tensor goes in first, so decoding runs in header order
+        coder.encode_reverse(sym.cpu().numpy().astype(np.int32), code_model(counts))
+    words = coder.get_compressed().astype("<u4").tobytes()
+    return (ARTIFACT_MAGIC + (len(words) // 4).to_bytes(8, "little") + hashlib.blake2b(words, digest_size=4).digest()
+            + words + zstandard.ZstdCompressor(level=22, write_checksum=True).compress(rest))
 
 
 def unpack_artifact(blob: bytes, source: str = "blob") -> tuple[dict, dict[str, dict]]:
-    """Inverse of pack_artifact -> (config, entries); ValueError naming `source` if truncated or not an artifact."""
+    """Inverse of pack_artifact -> (config, entries); ValueError naming `source` if it is not an artifact of this format
+    (magic), or truncated or corrupted (the words' length and checksum, zstd's checksum, the rANS stream's end)."""
+    bad = f"{source} is truncated or not a train_gpt.py artifact"
+    if not blob.startswith(ARTIFACT_MAGIC):
+        raise ValueError(f"{bad} (bad magic)")
+    end = (at := len(ARTIFACT_MAGIC) + 12) + 4 * int.from_bytes(blob[at - 12 : at - 4], "little")  # the words: at:end
+    if len(blob) < end or hashlib.blake2b(blob[at:end], digest_size=4).digest() != blob[at - 4 : at]:
+        raise ValueError(f"{bad} (rANS words: length or checksum)")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31)
+        raw = zstandard.ZstdDecompressor().decompress(blob[end:], max_output_size=1 << 31)
     except zstandard.ZstdError as e:
-        raise ValueError(f"{source} is truncated or not a train_gpt.py artifact (zstd: {e})") from None
-    if not raw.startswith(ARTIFACT_MAGIC):
-        raise ValueError(f"{source} is not a train_gpt.py artifact (bad magic)")
-    head_len = int.from_bytes(raw[-8:], "little")
-    header = json.loads(raw[-8 - head_len : -8])
-    payload = memoryview(raw)[len(ARTIFACT_MAGIC) : -8 - head_len]
-    entries: dict[str, dict] = {}
+        raise ValueError(f"{bad} (zstd: {e})") from None
+    header = json.loads(raw[-8 - int.from_bytes(raw[-8:], "little") : -8])
+    decoder, entries = constriction.stream.stack.AnsCoder(np.frombuffer(blob[at:end], "<u4").astype(np.uint32)), {}
     for t in header["tensors"]:
-        arr = np.frombuffer(payload, dtype=np.dtype(t["dtype"]), count=int(np.prod(t["shape"])), offset=t["offset"])
-        entry = entries.setdefault(t["name"], {"kind": t["kind"]})
-        entry[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]).copy())
+        arr = ((decoder.decode(code_model(c := t["counts"]), sum(c)) + t["min"]).astype(t["dtype"]) if t["field"] == "q"
+               else np.frombuffer(raw, np.dtype(t["dtype"]), int(np.prod(t["shape"])), t["offset"]).copy())
+        entries.setdefault(t["name"], {"kind": t["kind"]})[t["field"]] = torch.from_numpy(arr.reshape(t["shape"]))
+    if not decoder.is_empty():  # the models differ from the encoder's (another constriction version?) or the header
+        raise ValueError(f"{bad} (rANS stream not at its end after the last code)")
     return header["config"], entries
 
 
@@ -1245,7 +1261,6 @@ def load_artifact_model(path: str, device: torch.device) -> tuple[GPT, dict]:
 
 
 # ---- 8. Evaluation: every target scored exactly once, in stream order ------------------------
-
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows covering targets 0..n_targets-1 exactly once, each with >= seq_len-stride context -> (starts,
@@ -1265,8 +1280,7 @@ class ScoreBoard:
     """Per-target NLL (nats, fp32) and a count of how often each target was scored, on one device."""
 
     def __init__(self, n_targets: int, device: torch.device):
-        self.nll = torch.zeros(n_targets, device=device)
-        self.count = torch.zeros(n_targets, device=device, dtype=torch.int32)
+        self.nll, self.count = (torch.zeros(n_targets, device=device, dtype=d) for d in (torch.float32, torch.int32))
 
     def add(self, targets: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add nll (k,) at target indices (k,) int64; with a bool mask (k,), only where it is set (no host sync)."""
@@ -1361,39 +1375,43 @@ grouped_mm.register_autograd(  # of the (M, K) x (S, K, N) form: dA = dY B_s^T, 
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus per-window adapters (LoRA, Hu et al. 2021): x (R, T, in) -> base(x) + (x_s @ a[s]) @
-    b[s] for the tokens of slot s (a (S, in, r), b (S, r, out); offs: lora_step's slot ends in the flattened R*T)."""
+    b[s] for the tokens of slot s (a (S, in, r), b (S, r, out); offs: lora_step's slot ends in the flattened R*T).
+    With base None, the adapter's term alone (the tied output layer's, added to the logits by GPT.forward)."""
 
-    def __init__(self, base: nn.Linear, a: nn.Parameter, b: nn.Parameter, offs: torch.Tensor):
+    def __init__(self, base: nn.Linear | None, a: nn.Parameter, b: nn.Parameter, offs: torch.Tensor):
         super().__init__()
         self.base, self.a, self.b = base, a, b
         self.register_buffer("offs", offs, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # bf16 under autocast: the grouped GPU kernel's dtype (fp32 on CPU)
+        y = x if self.base is None else self.base(x)  # bf16 under autocast: the grouped GPU kernel's dtype
         h = grouped_mm(x.flatten(0, -2).to(y.dtype), self.a.to(y.dtype), self.offs)
-        return y + grouped_mm(h, self.b.to(y.dtype), self.offs).view_as(y)
+        delta = grouped_mm(h, self.b.to(y.dtype), self.offs).view(*x.shape[:-1], -1)
+        return delta if self.base is None else y + delta
 
 
 class DocumentLoRA:
-    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) of a frozen model, installed
-    as LoRALinear wrappers until `remove`, for lora_step's steps of `rows` rows. Each of up to `docs` documents in
-    flight owns a row of `weights` (all its layers' A then B), `v` (Adam's second moments) and `steps`; row `docs`
-    backs empty slots. A step loads its windows' rows into `slots` (docs, P), whose views are every layer's A, B. A
-    fresh row is `init` (A uniform in +-1/sqrt(in) from a fixed seed, B zero; v and steps zero)."""
+    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) and the tied head (R6) of
+    a frozen model, installed as LoRALinear wrappers until `remove`, for lora_step's steps of `rows` rows. Each of
+    up to `docs` documents in flight owns a row of `weights` (all its layers' A then B), `v` (Adam's second moments) and
+    `steps`; row `docs` backs empty slots. A step loads its windows' rows into `slots` (docs, P), whose views are every
+    layer's A, B. A fresh row is `init` (A uniform in +-1/sqrt(in) from a fixed seed, B zero; v and steps zero)."""
 
     def __init__(self, model: GPT, rows: int, docs: int, rank: int, device: torch.device):
         self.model, self.layers = model, [(m, name, lin) for block in model.blocks for m in (block.attn, block.mlp)
                                           for name, lin in m.named_children() if isinstance(lin, nn.Linear)]
         model.requires_grad_(False)
-        sizes = [(lin.in_features * rank, rank * lin.out_features) for _, _, lin in self.layers]
+        dims = [(lin.in_features, lin.out_features) for *_, lin in self.layers] + [model.tok_emb.weight.shape[::-1]]
+        self.layers.append((model, "head_lora", None))  # the tied head: (in, out) is the embedding's (dim, vocab)
+        sizes = [(d_in * rank, rank * d_out) for d_in, d_out in dims]
         self.rows, self.slots = rows, torch.zeros(docs, sum(map(sum, sizes)), device=device)
         self.offs, self.params, init, offset = torch.zeros(docs, dtype=torch.int32, device=device), [], [], 0
         gen = torch.Generator().manual_seed(0)
-        for (m, name, lin), (size_a, size_b) in zip(self.layers, sizes):
-            a = nn.Parameter(self.slots[:, offset : offset + size_a].view(docs, lin.in_features, rank))
+        for (m, name, lin), (d_in, _), (size_a, size_b) in zip(self.layers, dims, sizes):
+            a = nn.Parameter(self.slots[:, offset : offset + size_a].view(docs, d_in, rank))
             b = nn.Parameter(self.slots[:, offset + size_a : offset + size_a + size_b].view(docs, rank, -1))
             setattr(m, name, LoRALinear(lin, a, b, self.offs))
-            init += [(torch.rand(size_a, generator=gen) * 2 - 1) * lin.in_features**-0.5, torch.zeros(size_b)]
+            init += [(torch.rand(size_a, generator=gen) * 2 - 1) * d_in**-0.5, torch.zeros(size_b)]
             self.params, offset = self.params + [a, b], offset + size_a + size_b
         self.init = torch.cat(init).to(device)
         self.weights, self.v = self.init.repeat(docs + 1, 1), torch.zeros(docs + 1, offset, device=device)
@@ -1408,10 +1426,9 @@ class DocumentLoRA:
 def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Tensor, width: int, board: ScoreBoard,
               adapting: bool, lr: float) -> None:
     """One step (plan (S, 7), a step of rank_lora_plan's) on a (lora.rows, width) batch, each window at its offset of
-    the flattened batch, the rest token 0 (after windows: causal attention hides it). Score each window's chunk into
-    board with its document's adapter (lora's rows `slot`, loaded into `slots`), then, if adapting, one Adam step per
-    document on the mean loss of its chunk unless it is the last: scores come from this step's forward, before the
-    update that uses them. Attention runs per BOS segment (model.segments): windows sharing a row never meet."""
+    the flattened batch, the rest token 0 (after the windows: unseen). Scores each window's chunk into board with its
+    document's adapter, then, if adapting, takes one Adam step per document on its chunk's mean loss unless it is the
+    last: scores come from the forward before that update. Windows in one row never meet (BOS segments)."""
     start, length, score_from, train, _, offset, slot = plan.t().contiguous()
     p = torch.arange(lora.rows * width, device=tokens.device)
     s = (torch.searchsorted(offset, p, right=True) - 1).clamp_min(0)  # the window slot of each flattened position
@@ -1435,16 +1452,14 @@ def lora_step(model_fn, lora: DocumentLoRA, tokens: torch.Tensor, plan: torch.Te
 
 
 def rank_lora_plan(tokens: torch.Tensor, model: GPT, args: Hyperparameters, rt: Runtime) -> tuple[torch.Tensor, ...]:
-    """This rank's TTT work: its consecutive documents of the stream (balanced across ranks by chunk count: a bool
-    mask over document_spans'), up to TTT_LORA_DOCS in flight, their windows packed into TTT_LORA_ROWS rows of
-    TRAIN_SEQ_LEN tokens a step. Documents start in stream order (R6 sorts them by length): a step places the next
-    chunk of each document in flight, oldest first, then starts documents while the next fits. Chunk k of a document
-    of n targets scores its targets k*chunk .. min((k+1)*chunk, n)-1 from its latest <= TRAIN_SEQ_LEN tokens up to
-    there. Windows go first-fit into rows; one not at its document's start, or not at a BOS (model.bos_id), or any
-    without the model's doc_mask, takes an empty row: only a BOS separates windows. Returns (mask, plan (steps,
-    TTT_LORA_DOCS, 7) int64 on CPU: a step's windows in layout order, then empty slots: first input position, length
-    (0: empty), first scored offset, 1 if trained on (all but a document's last chunk), 1 if it starts a document,
-    offset in the flattened rows x TRAIN_SEQ_LEN tokens, adapter slot (TTT_LORA_DOCS: none))."""
+    """This rank's TTT work: its consecutive documents (a bool mask over document_spans', balanced across ranks by
+    chunk count), up to TTT_LORA_DOCS in flight, in stream order (R6 sorts by length). A step places the next chunk
+    of each document in flight, oldest first, then starts documents while the next fits; chunk k of n targets scores
+    k*chunk .. min((k+1)*chunk, n)-1 from the latest <= TRAIN_SEQ_LEN tokens. Windows go first-fit into TTT_LORA_ROWS
+    rows of TRAIN_SEQ_LEN; one not starting at its document's BOS, or any without the model's doc_mask, takes an
+    empty row. Returns (mask, plan (steps, TTT_LORA_DOCS, 7) int64 on CPU: a step's windows in layout order, then
+    empty slots: first input position, length (0: empty), first scored offset, 1 if trained on (not a document's last
+    chunk), 1 if it starts a document, offset in the flattened rows, adapter slot (TTT_LORA_DOCS: none))."""
     chunk, rows, docs, seq_len = args.ttt_lora_chunk, args.ttt_lora_rows, args.ttt_lora_docs, args.train_seq_len
     starts, lengths = document_spans(tokens, model.bos_id)
     chunks = (lengths + chunk - 1) // chunk
@@ -1479,15 +1494,13 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
                  log: Logger, deadline: float) -> tuple[float, float, ScoreBoard]:
     """Score-first per-document LoRA TTT (R6 PR #1667 / R7 PR #1530): every target is scored once, before any update
     that used it, and no document's score depends on another (fresh adapters per document, attention and adapters per
-    window). Each rank takes consecutive documents (rank_lora_plan) and runs up to TTT_LORA_DOCS at a time, packed into
-    TTT_LORA_ROWS rows a step; the graph is compiled first on random tokens, never validation tokens. If the projected
-    time passes `deadline` (perf_counter s), adapting stops and the remaining steps only score (logged). No collective
-    runs between steps, so ranks never wait for each other until the final all-reduce."""
-    n, device, rows, docs, width = tokens.numel() - 1, rt.device, args.ttt_lora_rows, args.ttt_lora_docs, \
-        args.train_seq_len
+    window). Each rank runs its rank_lora_plan by lora_step, compiled first (compiled_blocks) on random tokens, never
+    validation tokens. If the projected time passes `deadline` (perf_counter s), adapting stops and the remaining
+    steps only score (logged). No collective runs before the final all-reduce."""
+    device, rows, docs, width = rt.device, args.ttt_lora_rows, args.ttt_lora_docs, args.train_seq_len
     mine, plan = rank_lora_plan(tokens, model, args, rt)
-    plan = plan.to(device)
-    board, lora, steps = ScoreBoard(n, device), DocumentLoRA(model, rows, docs, args.ttt_lora_rank, device), len(plan)
+    plan, steps, board = plan.to(device), len(plan), ScoreBoard(tokens.numel() - 1, device)
+    lora = DocumentLoRA(model, rows, docs, args.ttt_lora_rank, device)
     noise = torch.randint(0, model.tok_emb.num_embeddings, (rows * width + 1,), device=device)  # compile warm-up:
     fake = [[r * width, width, 0, 0, 1, r * width, r] for r in range(min(rows, docs))]  # untrained, stays fresh
     fake = torch.tensor(fake + [[0, 0, 0, 0, 0, rows * width, docs]] * (docs - len(fake)), device=device)
@@ -1517,7 +1530,6 @@ def evaluate_ttt(model: GPT, tokens: torch.Tensor, bytes_per_target: torch.Tenso
 
 
 # ---- 9. Main ---------------------------------------------------------------------------------
-
 
 def check_outputs(args: Hyperparameters, log_path: str) -> None:
     """Pre-flight, before any data is read: create each output's folder, write a scratch file there, require 16 MB free;
@@ -1623,11 +1635,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, code: bytes, sp: spm.Se
 
         t_eval = time.perf_counter()  # from here on everything counts as evaluation time
         if rt.is_main:
-            blob = pack_artifact(config, entries)
-            while len(blob) > max_bytes:  # level 22 landed above the level-1 estimate: refit to the real size
-                log(f"artifact {len(blob)} bytes > {max_bytes}: re-quantizing with a smaller target")
-                entries, alpha = quantize_to_fit(groups, small, config, max_bytes * max_bytes // len(blob))
-                blob = pack_artifact(config, entries)
+            if len(blob := pack_artifact(config, entries)) > max_bytes:  # quantize_to_fit packed and measured these
+                raise RuntimeError(f"artifact of {len(blob)} bytes > {max_bytes}: not written")
             atomic_write(args.artifact, blob)
             log(f"artifact written in {time.perf_counter() - t_eval:.1f}s step_scale {alpha:.4f}")
             del groups, small, entries

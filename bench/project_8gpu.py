@@ -18,7 +18,7 @@ TTT_LORA_ROWS x TRAIN_SEQ_LEN tokens a step, scoring every target itself) or, wi
 sliding pass (evaluate at EVAL_STRIDE).
 
 Measured here: the training step of both graphs (train_gpt.train itself, with DDP removed), GPTQ,
-zstd-22 compression of the artifact, loading it, compilation and warm-up of the scoring graph, the time of one
+packing the artifact (rANS + zstd-22), loading it, compilation and warm-up of the scoring graph, the time of one
 score batch in each plain pass and, with TTT, from train_gpt.evaluate_ttt itself run on the stand-in stream as
 that rank and stopped after its first 2 + --sample-steps steps (StepStamps): its set-up (documents, schedule,
 adapters), the compile + warm-up of its LoRA graph, and the time of one step adapting and of one step only
@@ -578,7 +578,7 @@ def stand_in_stream(args: tg.Hyperparameters, n: int, random_tokens: bool) -> tu
 def measure_eval(args: tg.Hyperparameters, rt: tg.Runtime, a, float_model, config: dict, entries: dict,
                  artifact_path: str, tokens: torch.Tensor, ttt_steps: int, ledger: Ledger) -> dict:
     """Rank 0's evaluation in run()'s order, timing each fixed phase once and each pass by a sample of its
-    batches (after `warm` untimed ones): zstd-22 + write of the artifact; the pre-quant pass's compilation
+    batches (after `warm` untimed ones): pack + write of the artifact; the pre-quant pass's compilation
     (first batch of the compiled float model, less one batch) and batches; loading the artifact;
     compilation and warm-up of the scoring graph (maybe_compile + warm_up_eval_graphs); round-trip batches;
     window set-up and finalize of one pass; the final pass: TTT (measure_ttt on the stream, whose evaluated rank runs
@@ -721,7 +721,7 @@ def eval_rows(args: tg.Hyperparameters, m: dict, proj: dict) -> list[tuple]:
         return (f"{label} pass (stride {pass_stride(args, name)})", count, m[name + "_batch_s"],
                 count * m[name + "_batch_s"], full.get(name))
 
-    rows = [fixed("artifact zstd-22 + write", m["compress_seconds"]),
+    rows = [fixed("artifact pack + write", m["compress_seconds"]),
             fixed("pre-quant compile", m["prequant_compile_seconds"]),
             batches("pre-quant", "prequant"),
             fixed("artifact load", m["load_seconds"]),
@@ -829,7 +829,7 @@ def print_report(a, info: dict, counts: dict, train: dict | None, tproj: dict | 
               + real)
     print("not modelled: 8 processes compiling and compressing on one host at once, ranks waiting for the slowest, "
           "DDP's bucket copies, overlap of communication with compute (none assumed)"
-          + ("; zstd-22 ran on the artifact of a briefly trained model (a trained one compresses slower: use "
+          + ("; the artifact packed is a briefly trained model's (a trained one's codes differ: use "
              "--artifact)" if not a.artifact else ""))
 
 
@@ -1037,8 +1037,8 @@ def parse_args(argv=None):
                     help=f"validation targets of the projected run (default {CONTEST_TARGETS:,}, FineWeb's)")
     ap.add_argument("--random-tokens", action="store_true",
                     help="random token ids for the evaluation stream and training batches instead of DATA_PATH's")
-    ap.add_argument("--artifact", default="", help="time zstd-22 and loading of this artifact (a P300 run's); "
-                    "default: the artifact GPTQ makes of the briefly trained model (compresses faster)")
+    ap.add_argument("--artifact", default="", help="time packing and loading of this artifact (a P300 run's; "
+                    "bench/compression.py --write converts an older format); default: the briefly trained model's")
     ap.add_argument("--train-steps", type=int, default=50, help="timed train() steps per graph (after WARMUP_STEPS)")
     ap.add_argument("--sample-batches", type=int, default=40, help="timed score batches per pass (after 3 untimed)")
     ap.add_argument("--sample-steps", type=int, default=20,

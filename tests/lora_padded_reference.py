@@ -36,19 +36,21 @@ def padded_schedule(starts: torch.Tensor, lengths: torch.Tensor, rows: int, chun
 
 class PaddedLoRALinear(nn.Module):
     """A frozen linear layer plus one adapter per batch row (LoRA, Hu et al. 2021): x (G, T, in) -> base(x) + (x @ a_g)
-    @ b_g with a (G, in, r), b (G, r, out); `lora_step`'s learning rate absorbs LoRA's alpha / r."""
+    @ b_g with a (G, in, r), b (G, r, out); `lora_step`'s learning rate absorbs LoRA's alpha / r. With base None, the
+    adapter's term alone (the tied output layer's)."""
 
-    def __init__(self, base: nn.Linear, a: nn.Parameter, b: nn.Parameter):
+    def __init__(self, base: nn.Linear | None, a: nn.Parameter, b: nn.Parameter):
         super().__init__()
         self.base, self.a, self.b = base, a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.a) @ self.b
+        delta = (x @ self.a.to(x.dtype)) @ self.b.to(x.dtype)
+        return delta if self.base is None else self.base(x) + delta
 
 
 class PaddedDocumentLoRA:
-    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) of a frozen model, one per
-    batch row, installed as LoRALinear wrappers until `remove`. All layers' A then B of row g are views of row g of one
+    """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) and the tied output layer of
+    a frozen model, one per batch row, installed as LoRALinear wrappers until `remove`. All layers' A then B of row g are views of row g of one
     (G, P) tensor, as are Adam's second moments, so resetting or updating rows is one masked op over all layers. A
     fresh adapter is `init`: A uniform in +-1/sqrt(in) from a fixed seed (the same for every document), B zero."""
 
@@ -56,16 +58,19 @@ class PaddedDocumentLoRA:
         self.model, self.layers = model, [(m, name, lin) for block in model.blocks for m in (block.attn, block.mlp)
                                           for name, lin in m.named_children() if isinstance(lin, nn.Linear)]
         model.requires_grad_(False)
-        sizes = [(lin.in_features * rank, rank * lin.out_features) for _, _, lin in self.layers]
+        dims = [(lin.in_features, lin.out_features) for _, _, lin in self.layers]
+        self.layers.append((model, "head_lora", None))
+        dims.append(tuple(model.tok_emb.weight.shape[::-1]))
+        sizes = [(d_in * rank, rank * d_out) for d_in, d_out in dims]
         self.weights = torch.zeros(rows, sum(map(sum, sizes)), device=device)
         self.v, self.steps = torch.zeros_like(self.weights), torch.zeros(rows, 1, device=device)
         self.params, init, offset = [], [], 0
         gen = torch.Generator().manual_seed(0)
-        for (m, name, lin), (size_a, size_b) in zip(self.layers, sizes):
-            a = nn.Parameter(self.weights[:, offset : offset + size_a].view(rows, lin.in_features, rank))
+        for (m, name, lin), (d_in, _), (size_a, size_b) in zip(self.layers, dims, sizes):
+            a = nn.Parameter(self.weights[:, offset : offset + size_a].view(rows, d_in, rank))
             b = nn.Parameter(self.weights[:, offset + size_a : offset + size_a + size_b].view(rows, rank, -1))
             setattr(m, name, PaddedLoRALinear(lin, a, b))
-            init += [(torch.rand(size_a, generator=gen) * 2 - 1) * lin.in_features**-0.5, torch.zeros(size_b)]
+            init += [(torch.rand(size_a, generator=gen) * 2 - 1) * d_in**-0.5, torch.zeros(size_b)]
             self.params, offset = self.params + [a, b], offset + size_a + size_b
         self.init = torch.cat(init).to(device)
 

@@ -201,10 +201,12 @@ def test_grad_accum_steps_indivisible():
     assert tg.grad_accum_steps(args, runtime(0, 2)) == 2  # ceil(512 / (2 * 128))
 
 
-def test_unpack_artifact_bad_magic():
-    blob = tg.zstandard.ZstdCompressor().compress(b"NOT-AN-ARTIFACT" + bytes(32))
-    with pytest.raises(ValueError, match="bad magic"):
-        tg.unpack_artifact(blob)
+@pytest.mark.parametrize("blob", [b"NOT-AN-ARTIFACT" + bytes(32), b"PGOLF-INT-2\n" + bytes(32),
+                                  tg.zstandard.ZstdCompressor().compress(b"PGOLF-INT-2\n" + bytes(32)), b""])
+def test_unpack_artifact_bad_magic(blob):
+    """Other files, and artifacts of the previous format (zstd-22 of everything), are refused by their magic."""
+    with pytest.raises(ValueError, match=r"art.ptz is truncated or not a train_gpt.py artifact \(bad magic\)"):
+        tg.unpack_artifact(blob, "art.ptz")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,23 +155,53 @@ def test_script_with_other_tokenizer_stops_before_training(monkeypatch, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def corrupt_artifacts(tmp_path) -> list:
-    blob = tg.pack_artifact(tiny_config(), tg.quantize_small_tensors(tiny_model().state_dict()))
-    truncated, noise = tmp_path / "truncated.ptz", tmp_path / "noise.ptz"
-    truncated.write_bytes(blob[: len(blob) // 2])
-    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    return [truncated, noise]
+def coded_artifact() -> bytes:
+    """An artifact of the tiny model with two matrices as int6 codes (a rANS section of a few KB)."""
+    state = tiny_model().state_dict()
+    entries = tg.quantize_small_tensors(state)
+    for name in ("tok_emb.weight", "blocks.0.mlp.fc.weight"):
+        scale = tg.choose_row_scales(state[name].float(), tg.INT6_MAX)
+        entries[name] = {"kind": "int6", "q": tg.quantize_rows(state[name].float(), scale, tg.INT6_MAX),
+                         "scale": scale.half()}
+    return tg.pack_artifact(tiny_config(), entries)
+
+
+def corrupt_artifacts(tmp_path) -> dict:
+    """Damaged copies of coded_artifact() -> {path: what unpack_artifact should name}."""
+    blob = coded_artifact()
+    at = len(tg.ARTIFACT_MAGIC) + 12  # the rANS words start here, the zstd frame after them
+    end = at + 4 * int.from_bytes(blob[at - 12 : at - 4], "little")
+    assert end - at > 1000  # the codes are there
+    flipped = bytearray(blob)
+    flipped[(at + end) // 2] ^= 4
+    damaged = {"truncated.ptz": (blob[: (at + end) // 2], "rANS words: length or checksum"),
+               "flipped.ptz": (bytes(flipped), "rANS words: length or checksum"),
+               "truncated_frame.ptz": (blob[:-20], "zstd"),
+               "noise.ptz": (np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(), "bad magic")}
+    for name, (data, _) in damaged.items():
+        (tmp_path / name).write_bytes(data)
+    tg.unpack_artifact(blob)  # the undamaged one reads
+    return {tmp_path / name: why for name, (_, why) in damaged.items()}
 
 
 def test_corrupt_artifact_named(tmp_path):
-    """A truncated or random-bytes artifact raises ValueError naming the file and what is wrong."""
-    for path in corrupt_artifacts(tmp_path):
-        with pytest.raises(ValueError, match=rf"{path} is truncated or not a train_gpt.py artifact"):
+    """A truncated, bit-flipped or random-bytes artifact raises ValueError naming the file and what is wrong."""
+    for path, why in corrupt_artifacts(tmp_path).items():
+        with pytest.raises(ValueError, match=rf"{path} is truncated or not a train_gpt.py artifact \({why}"):
             tg.load_artifact_model(str(path), torch.device("cpu"))
 
 
+def test_artifact_decoded_with_other_models(monkeypatch):
+    """A decoder whose Categorical tables differ from the encoder's (as another constriction version's quantization
+    might) does not come back with wrong codes: the rANS stream does not end where the last code does."""
+    blob, code_model = coded_artifact(), tg.code_model
+    monkeypatch.setattr(tg, "code_model", lambda counts: code_model([n + 50 for n in counts]))
+    with pytest.raises(ValueError, match=r"blob is truncated or not a train_gpt.py artifact \(rANS stream not at"):
+        tg.unpack_artifact(blob)
+
+
 def test_eval_only_corrupt_artifact_stops_before_log(monkeypatch, tmp_path, tokenizer, data_dir):
-    path = corrupt_artifacts(tmp_path)[0]
+    path = next(iter(corrupt_artifacts(tmp_path)))
     with pytest.raises(ValueError, match=rf"{path} is truncated"):
         run_main(monkeypatch, tmp_path, tokenizer, data_dir, EVAL_ONLY="1", ARTIFACT=str(path))
     assert not (tmp_path / "eval_log.txt").exists()

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from conftest import BOS, docs_tokens, runtime, tg, tiny_model
+from conftest import BOS, CPU, docs_tokens, runtime, tg, tiny_model
 from lora_padded_reference import padded_scores
 
 SEQ, CHUNK, ROWS, DOCS = 32, 8, 3, 6
@@ -202,6 +202,22 @@ def test_compiles_its_graphs_on_random_tokens(stream, monkeypatch):
     # bit-equal at LR 0; with the test's LR 0.05 the blocks' separate backward graphs, which sum gradients in another
     # fp32 order, drift by up to 1.5e-4 over a document's steps (9.5e-7 at the default LR 3e-4)
     torch.testing.assert_close(nll, run_lora(model, stream)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_output_layer_has_an_adapter(stream, model):
+    """DocumentLoRA adapts the tied output layer too (R6): fresh adapters (B zero) leave the logits bit-identical, a
+    nonzero B of the head's adapter alone moves them, and `remove` takes the adapter away again."""
+    m, x = copy.deepcopy(model), stream[:SEQ].view(1, SEQ)
+    with torch.no_grad():
+        base = m(x)
+        lora = tg.DocumentLoRA(m, 1, 2, 4, CPU)
+        lora.offs.fill_(x.numel())  # every position in slot 0, whose adapters are fresh (A random, B zero)
+        lora.slots.copy_(lora.weights[:2])
+        assert torch.equal(m(x), base)
+        m.head_lora.b.normal_()
+        assert (m(x) - base).abs().max() > 1e-3
+    lora.remove()
+    assert m.head_lora is None and torch.equal(m(x), base)
 
 
 def test_model_is_restored(stream, model):
