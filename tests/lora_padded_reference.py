@@ -50,9 +50,10 @@ class PaddedLoRALinear(nn.Module):
 
 class PaddedDocumentLoRA:
     """Rank-r adapters on every block linear layer (attention q, k, v, proj; MLP fc, proj) and the tied output layer of
-    a frozen model, one per batch row, installed as LoRALinear wrappers until `remove`. All layers' A then B of row g are views of row g of one
-    (G, P) tensor, as are Adam's second moments, so resetting or updating rows is one masked op over all layers. A
-    fresh adapter is `init`: A uniform in +-1/sqrt(in) from a fixed seed (the same for every document), B zero."""
+    a frozen model, one per batch row, installed as LoRALinear wrappers until `remove`. All layers' A then B of row g
+    are views of row g of one (G, P) tensor, as are Adam's second moments, so resetting or updating rows is one
+    masked op over all layers. A fresh adapter is `init`: A uniform in +-1/sqrt(in) from a fixed seed (the same for
+    every document), B zero."""
 
     def __init__(self, model: tg.GPT, rows: int, rank: int, device: torch.device):
         self.model, self.layers = model, [(m, name, lin) for block in model.blocks for m in (block.attn, block.mlp)
