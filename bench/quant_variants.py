@@ -137,16 +137,12 @@ def lqer_entries(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tenso
     latter of W - (W_hat + A_hat B_hat)). The extra entries go through pack_artifact like
     any other: codes as an int entry (kind "int6"; the rANS coder only sees their histogram) whose "scale" is the fp16
     row scale, the fp16 row offsets as "fp16" entries; apply_lqer reads them back."""
-    errors = []
-    for name, e in entries.items():
-        if e["kind"] in tg.INT_KINDS.values():
-            w_hat = e["q"].float() * e["scale"].float()[:, None]
-            errors.append((name, quant_error(state[name].float().to(w_hat.device) - w_hat, hessians.get(name))))
-    chosen = sorted(errors, key=lambda t: -t[1])[:top]
+    coded = {n: e for n, e in entries.items() if e["kind"] in tg.INT_KINDS.values()}
+    errs = {n: state[n].float().to(w.device) - w for n, w in tg.dequantize_entries(coded).items()}  # E = W - W_hat
+    chosen = sorted(((n, quant_error(err, hessians.get(n))) for n, err in errs.items()), key=lambda t: -t[1])[:top]
     extra, report = {}, []
     for name, before in chosen:
-        e = entries[name]
-        err = state[name].float().to(e["q"].device) - e["q"].float() * e["scale"].float()[:, None]
+        err = errs[name]
         u, s, vh = torch.linalg.svd(err, full_matrices=False)
         r = min(rank, s.numel())
         factors = []
