@@ -220,6 +220,8 @@ def diffs(got, ref) -> tuple[float, float, float, float, float]:
 
 
 def main() -> None:
+    """Parse options, build x, weight and targets, time and check each variant, print the two tables. Unknown variants
+    or --tokens not a multiple of --seq: argparse error (exit 2); a failing variant is reported and skipped."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=98_304, help="tokens per call (train_gpt: 98,304 per GPU)")
     ap.add_argument("--seq", type=int, default=2048, help="x is (tokens // seq, seq, dim)")
